@@ -1,0 +1,155 @@
+"""The one small protocol every model family implements.
+
+The trainer, the rollout and the replay only ever talk to a model through this protocol, so adding
+a model family (the embedded shapes model, SD3, FLUX) is one adapter and never a copy of the
+trainer.
+
+Conventions
+-----------
+- Latents are ``[B, C, H, W]`` tensors in the *unpacked* layout; an adapter whose transformer wants
+  packed tokens (FLUX) packs and unpacks inside :meth:`FlowModel.velocity`.
+- ``sigma`` is the flow time in ``[0, 1]`` (1 = noise, 0 = data); adapters call their network with
+  ``timestep = 1000 * sigma`` (SPEC section 1).
+- :meth:`FlowModel.velocity` returns float32 whatever the network's dtype: the transition maths is
+  done in fp32 by :mod:`flowdppo.sde`.
+- Conditioning is a :class:`Cond`: a dict of tensors that all share the leading batch dimension,
+  so the trainer can index, repeat and concatenate it without knowing what is inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Cond:
+    """Prompt conditioning: tensors that all have the batch as their first dimension ``[B, ...]``."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {k: v.shape[0] for k, v in self.tensors.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Cond tensors disagree on the batch size: {sizes}")
+
+    @property
+    def batch_size(self) -> int:
+        for v in self.tensors.values():
+            return int(v.shape[0])
+        return 0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def index(self, idx: torch.Tensor | slice | Sequence[int]) -> "Cond":
+        """Rows ``idx`` of every tensor."""
+        if not isinstance(idx, (slice, torch.Tensor)):
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+        return Cond({k: v[idx] for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, n: int) -> "Cond":
+        """Each row repeated ``n`` times in place (prompt -> its group of ``n`` samples)."""
+        return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cond":
+        out = {}
+        for k, v in self.tensors.items():
+            out[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+        return Cond(out)
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        if not conds:
+            return Cond()
+        keys = conds[0].tensors.keys()
+        for c in conds:
+            if c.tensors.keys() != keys:
+                raise ValueError("cannot concatenate Cond objects with different keys")
+        return Cond({k: torch.cat([c.tensors[k] for c in conds], dim=0) for k in keys})
+
+
+@runtime_checkable
+class FlowModel(Protocol):
+    """What the trainer needs from a model family.
+
+    Attributes
+    ----------
+    module:
+        The ``nn.Module`` holding every parameter (base + adapter); the trainer puts it in train or
+        eval mode, wraps it for distributed training and saves its adapter.
+    latent_shape:
+        ``(C, H, W)`` of the latents the kernels act on.
+    device, dtype:
+        Where the network runs and its compute dtype (latents and the transition maths stay fp32).
+    """
+
+    module: nn.Module
+    latent_shape: tuple[int, int, int]
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_prompts(self, prompts: Sequence[str], guidance_scale: float = 1.0) -> Cond:
+        """Text conditioning for ``len(prompts)`` prompts (with what CFG needs when scale > 1)."""
+        ...
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Velocity ``v(x, sigma)`` as float32 ``[B, C, H, W]``; ``x`` is ``[B, C, H, W]``, ``sigma`` is ``[B]``.
+
+        Guidance is applied as the model's own pipeline does (true CFG for SD3, a guidance embedding
+        for distilled FLUX). ``guidance_scale == 1`` means no guidance.
+        """
+        ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H', W']`` in ``[0, 1]`` (float32) from final latents ``[B, C, H, W]``."""
+        ...
+
+    def sigmas(self, num_steps: int, schedule: str) -> torch.Tensor:
+        """The ``[num_steps + 1]`` sigma schedule (``"diffusers"`` or ``"uniform-shift"``), fp32, 1 -> 0."""
+        ...
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """Context in which :meth:`velocity` is the pretrained (reference) model."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates (the LoRA adapter, or every weight for full fine-tuning)."""
+        ...
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only, for checkpoints."""
+        ...
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ...
+
+    def save_adapter(self, directory: str) -> None:
+        """Export the trained weights in the model family's own loadable format."""
+        ...
+
+
+@contextlib.contextmanager
+def peft_adapter_disabled(module: nn.Module) -> Iterator[None]:
+    """Disable every peft LoRA layer of ``module`` (works for diffusers models with ``add_adapter``)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        yield
+        return
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, was_disabled in zip(layers, previous):
+            m.enable_adapters(not was_disabled)
