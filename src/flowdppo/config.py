@@ -1,0 +1,327 @@
+"""Typed, validated configuration: YAML -> dataclasses, presets, ``--set key=value`` overrides.
+
+Every section is a dataclass; :func:`from_dict` rejects an unknown key or a bad value at start with a
+message that names it and lists what would be valid. Presets (SPEC section 8) are plain override
+dicts applied before the user's file and ``--set`` values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .losses import LOSSES
+from .sde import CPS_LOGPROBS, REDUCTIONS, SAMPLERS
+from .steps import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not valid; the message says which and what is."""
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["shapes", "sd3", "flux"] = "shapes"
+    path: str | None = None                 # local diffusers folder or hub id; None = the shipped shapes model
+    lora: bool = True                       # False = full fine-tuning
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    gradient_checkpointing: bool = False
+    resolution: int = 512                   # real models: image side in pixels (the shapes model is 32)
+    max_sequence_length: int = 256          # real models: text tokens
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    schedule: Literal["diffusers", "uniform-shift", "model"] = "model"   # "model": the family's default
+    shift: float = 3.0                      # uniform-shift only
+    sampler: Literal["flow-sde", "cps", "dance", "ode"] = "flow-sde"
+    eta: float = 0.7
+    guidance_scale: float = 1.0
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    cps_logprob: Literal["gaussian", "unnormalized"] = "gaussian"
+    replay_tolerance: float = 1e-3          # warn when |replay log-prob - rollout log-prob| exceeds this
+
+
+@dataclass
+class StepsConfig:
+    strategy: Literal["random", "window", "fraction"] = "random"
+    num_sde_steps: int = 3
+    start: float = 0.0
+    end: float = 0.5
+    window_stride: int = 1
+    window_every: int = 25
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: Literal["flow-dppo", "clip", "grpo-guard", "dppo-symmetric", "unclipped"] = "flow-dppo"
+    delta: float = 1e-5                     # Flow-DPPO KL threshold (mean-reduced KL)
+    clip_eps: float = 1e-4                  # PPO clip range (Flow-GRPO 1e-4, GRPO-Guard 4e-6)
+    adv_clip: float | None = 5.0            # advantage clip of the clip losses (Flow-DPPO never clips)
+    beta: float = 0.0                       # weight of KL to the reference policy
+    advantage_std: Literal["global", "group"] = "global"
+    advantage_clip: float | None = None
+    stat_tracker: bool = False              # per-prompt statistics across iterations
+    multi_reward: Literal["sum", "gdpo"] = "sum"
+
+
+@dataclass
+class RewardConfig:
+    name: Literal["shapes", "http"] = "shapes"
+    weights: dict[str, float] = field(default_factory=lambda: {"soft": 1.0})
+    url: str | None = None                  # http reward server
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 60
+    prompts_per_iter: int = 8
+    group_size: int = 16
+    inner_epochs: int = 1
+    minibatch_size: int = 64                # samples per optimizer step
+    micro_batch_size: int = 64              # samples per forward/backward
+    rollout_batch_size: int = 128           # samples per rollout forward
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    prompt_split: str = "train"
+    prompts_file: str | None = None        # one prompt a line (real models); None = the shapes world's train set
+    log_ref_kl: bool = True                 # measure KL to the reference at the anchor every iteration
+    trajectories_on_cpu: bool = False       # keep stored trajectories on the CPU until trained on
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10                         # iterations; 0 = only before and after training
+    num_prompts: int = 96                   # per set
+    sets: list[str] = field(default_factory=lambda: ["eval", "ood"])
+    grid_prompts: int = 8                   # image grids before/after
+    prompts_file: str | None = None         # real models: evaluation prompts (scored by the training reward)
+    seed: int = 1234                        # evaluation noise: the same images before and after training
+    ratio_noise_every: int = 10             # iterations between live ratio-noise measurements (0 = never)
+    ratio_noise_samples: int = 32
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs"
+    name: str = "flowdppo"
+    tensorboard: bool = True
+    checkpoint_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    steps: StepsConfig = field(default_factory=StepsConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (SPEC section 8)
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "flow-dppo": {"sampling": {"sampler": "flow-sde", "eta": 0.7}, "algorithm": {"loss": "flow-dppo", "delta": 1e-5}},
+    "flow-dppo-cps": {"sampling": {"sampler": "cps", "eta": 0.8}, "algorithm": {"loss": "flow-dppo", "delta": 1e-5}},
+    "flow-grpo": {"sampling": {"sampler": "flow-sde", "eta": 0.7}, "algorithm": {"loss": "clip", "clip_eps": 1e-4}},
+    "flow-cps": {"sampling": {"sampler": "cps", "eta": 0.8}, "algorithm": {"loss": "clip", "clip_eps": 1e-4}},
+    "grpo-guard": {"sampling": {"sampler": "flow-sde", "eta": 0.7}, "algorithm": {"loss": "grpo-guard", "clip_eps": 4e-6}},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclass with validation
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not valid; valid: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown key {(where + '.') if where else ''}{unknown[0]}; valid keys"
+                          f"{' of ' + where if where else ''}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.lora=false"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a single field's type cannot express."""
+    t, s = cfg.train, cfg.sampling
+    positive = {"train.iterations": t.iterations, "train.prompts_per_iter": t.prompts_per_iter,
+                "train.group_size": t.group_size, "train.inner_epochs": t.inner_epochs,
+                "train.minibatch_size": t.minibatch_size, "train.micro_batch_size": t.micro_batch_size,
+                "train.rollout_batch_size": t.rollout_batch_size, "sampling.num_steps": s.num_steps}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k} must be >= 1, got {v}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if s.eta < 0:
+        raise ConfigError(f"sampling.eta must be >= 0, got {s.eta}")
+    if s.sampler == "cps" and s.eta > 1:
+        raise ConfigError(f"sampling.eta for the cps sampler must be in [0, 1], got {s.eta}")
+    if s.sampler == "ode" or s.eta == 0:
+        raise ConfigError("RL needs stochastic steps: sampling.sampler must not be 'ode' and sampling.eta must be > 0")
+    if t.micro_batch_size > t.minibatch_size:
+        raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.minibatch_size ({t.minibatch_size})")
+    if t.minibatch_size % t.micro_batch_size:
+        raise ConfigError(f"train.minibatch_size ({t.minibatch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+    total = t.prompts_per_iter * t.group_size
+    if total % t.minibatch_size:
+        raise ConfigError(f"the rollout batch prompts_per_iter*group_size = {total} must be a multiple of "
+                          f"train.minibatch_size ({t.minibatch_size})")
+    if cfg.algorithm.delta < 0 or cfg.algorithm.clip_eps <= 0 or cfg.algorithm.beta < 0:
+        raise ConfigError("algorithm.delta and algorithm.beta must be >= 0, algorithm.clip_eps > 0")
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights must name at least one reward component")
+    if cfg.reward.name == "http" and not cfg.reward.url:
+        raise ConfigError("reward.name=http needs reward.url")
+    if cfg.model.lora and cfg.model.lora_rank < 1:
+        raise ConfigError(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
+    # the step window must hold enough steps
+    from .steps import StepSelection
+    try:
+        sel = StepSelection(**asdict(cfg.steps))
+        pool = sel.pool(s.num_steps)
+        if sel.strategy != "fraction" and sel.num_sde_steps > len(pool):
+            raise ValueError(f"steps.num_sde_steps={sel.num_sde_steps} exceeds the {len(pool)} steps in the window")
+    except ValueError as e:
+        raise ConfigError(f"steps: {e}") from None
+    assert s.sampler in SAMPLERS and s.logprob_reduction in REDUCTIONS and s.cps_logprob in CPS_LOGPROBS
+    assert cfg.algorithm.loss in LOSSES and cfg.steps.strategy in STRATEGIES
+    return cfg
+
+
+def from_dict(data: Mapping[str, Any] | None) -> Config:
+    cfg = _build(Config, data or {}, "")
+    return validate(cfg)
+
+
+def load_config(path: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset, then the YAML file, then ``--set`` overrides, validated."""
+    data: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            file_data = yaml.safe_load(f) or {}
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"{path}: the config file must be a mapping")
+    set_data = parse_set(overrides or [])
+    preset = preset or set_data.pop("preset", None) or file_data.get("preset") or "flow-dppo"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    data = _deep_merge(PRESETS[preset], file_data)
+    data = _deep_merge(data, set_data)
+    data["preset"] = preset
+    return from_dict(data)

@@ -1,0 +1,147 @@
+"""Sampling with a kernel while recording what training needs, and replaying the stored steps.
+
+:func:`rollout` runs the whole schedule: SDE steps (``sde_steps``) through the kernel, every other
+step as an Euler ODE step, and stores only the latent before and after each SDE step, its log-prob and
+mean, and the final sample (SPEC section 6). :func:`replay_step` scores one stored step under the
+current weights through the very same kernel call (``prev_sample`` given), so that sampling and
+training can never disagree on the maths.
+
+Shapes: ``B`` samples, ``S`` SDE steps, latents ``[C, H, W]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .models.base import Cond, FlowModel
+from .sde import Kernel, StepOutput
+
+
+@dataclass
+class Trajectories:
+    """A rollout batch. ``latents``/``next_latents``/``means``: ``[B, S, C, H, W]``; ``log_probs``: ``[B, S]``."""
+
+    prompts: list[str]
+    group_ids: torch.Tensor          # [B] prompt index of each sample
+    cond: Cond                       # [B] conditioning (already one row per sample)
+    sigmas: torch.Tensor             # [N + 1]
+    sde_steps: list[int]             # the S step indices
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    means: torch.Tensor
+    final: torch.Tensor              # [B, C, H, W]
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b, s = len(self.prompts), len(self.sde_steps)
+        assert self.group_ids.shape == (b,), self.group_ids.shape
+        assert self.latents.shape[:2] == (b, s) and self.next_latents.shape == self.latents.shape
+        assert self.means.shape == self.latents.shape and self.log_probs.shape == (b, s)
+        assert self.final.shape[0] == b and self.cond.batch_size == b
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def to(self, device: torch.device | str) -> "Trajectories":
+        return Trajectories(self.prompts, self.group_ids.to(device), self.cond.to(device), self.sigmas,
+                            self.sde_steps, self.latents.to(device), self.next_latents.to(device),
+                            self.log_probs.to(device), self.means.to(device), self.final.to(device), self.extras)
+
+
+def _sigma_batch(value: torch.Tensor, b: int, device: torch.device) -> torch.Tensor:
+    return value.to(device=device, dtype=torch.float32).expand(b)
+
+
+@torch.no_grad()
+def sample(model: FlowModel, kernel: Kernel, cond: Cond, sigmas: torch.Tensor, sde_steps: Sequence[int],
+           noise: torch.Tensor, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+           step_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run one batch through the schedule. ``noise`` is the initial ``x_1`` ``[B, C, H, W]``.
+
+    ``step_noise`` ``[B, S, C, H, W]`` optionally fixes the SDE noise (else drawn from ``generator``).
+    Returns ``latents``, ``next_latents``, ``means`` ``[B, S, C, H, W]``, ``log_probs`` ``[B, S]``,
+    ``final`` ``[B, C, H, W]``.
+    """
+    b = noise.shape[0]
+    device = noise.device
+    sde = {k: j for j, k in enumerate(sde_steps)}
+    n = len(sigmas) - 1
+    if any(k < 0 or k >= n for k in sde):
+        raise ValueError(f"SDE step indices {list(sde_steps)} must lie in [0, {n})")
+    x = noise.float()
+    lat, nxt, means, lps = [], [], [], []
+    for k in range(n):
+        s = _sigma_batch(sigmas[k], b, device)
+        sn = _sigma_batch(sigmas[k + 1], b, device)
+        v = model.velocity(x, s, cond, guidance_scale)
+        if k in sde:
+            eps = step_noise[:, sde[k]] if step_noise is not None else None
+            out = kernel.step(v, x, s, sn, generator=generator, noise=eps)
+            lat.append(x)
+            nxt.append(out.x_next)
+            means.append(out.mean)
+            lps.append(out.log_prob)
+        else:
+            out = kernel.step(v, x, s, sn, stochastic=False)
+        x = out.x_next
+    empty = noise.new_zeros((b, 0, *noise.shape[1:]))
+    return {
+        "latents": torch.stack(lat, 1) if lat else empty,
+        "next_latents": torch.stack(nxt, 1) if nxt else empty,
+        "means": torch.stack(means, 1) if means else empty,
+        "log_probs": torch.stack(lps, 1) if lps else noise.new_zeros((b, 0)),
+        "final": x,
+    }
+
+
+def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids: torch.Tensor, cond: Cond,
+            sigmas: torch.Tensor, sde_steps: Sequence[int], guidance_scale: float, generator: torch.Generator,
+            batch_size: int, store_device: torch.device | str | None = None, progress=None) -> Trajectories:
+    """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
+    from ``generator`` (CPU) so a run is reproducible whatever the device."""
+    b = len(prompts)
+    c, h, w = model.latent_shape
+    chunks: list[dict[str, torch.Tensor]] = []
+    for start in range(0, b, batch_size):
+        idx = slice(start, min(start + batch_size, b))
+        m = idx.stop - idx.start
+        noise = torch.randn((m, c, h, w), generator=generator).to(model.device)
+        step_noise = torch.randn((m, len(sde_steps), c, h, w), generator=generator).to(model.device)
+        out = sample(model, kernel, cond.index(idx).to(model.device), sigmas, sde_steps, noise, guidance_scale,
+                     step_noise=step_noise)
+        if store_device is not None:
+            out = {k: v.to(store_device) for k, v in out.items()}
+        chunks.append(out)
+        if progress is not None:
+            progress(m)
+    cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
+    return Trajectories(list(prompts), group_ids, cond, sigmas, list(sde_steps), cat["latents"],
+                        cat["next_latents"], cat["log_probs"], cat["means"], cat["final"])
+
+
+def replay_step(model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch.Tensor, j: int,
+                guidance_scale: float) -> StepOutput:
+    """Score stored SDE step ``j`` (column of ``traj``) for samples ``idx`` under the current weights.
+
+    Runs with whatever grad mode the caller set. Returns the kernel's output: ``mean`` ``[b, C, H, W]``,
+    ``std`` and ``log_prob`` ``[b]``.
+    """
+    dev = model.device
+    k = traj.sde_steps[j]
+    x = traj.latents[idx, j].to(dev)
+    b = x.shape[0]
+    s = _sigma_batch(traj.sigmas[k], b, dev)
+    sn = _sigma_batch(traj.sigmas[k + 1], b, dev)
+    v = model.velocity(x, s, traj.cond.index(idx).to(dev), guidance_scale)
+    return kernel.step(v, x, s, sn, prev_sample=traj.next_latents[idx, j].to(dev))
+
+
+@torch.no_grad()
+def ode_sample(model: FlowModel, cond: Cond, sigmas: torch.Tensor, noise: torch.Tensor,
+               guidance_scale: float = 1.0) -> torch.Tensor:
+    """Deterministic Euler sampling (evaluation): final latents ``[B, C, H, W]``."""
+    return sample(model, Kernel(sampler="ode", eta=0.0), cond, sigmas, [], noise, guidance_scale)["final"]
