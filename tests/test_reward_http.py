@@ -16,7 +16,7 @@ def test_http_reward_round_trip():
     th = threading.Thread(target=server.serve_forever, daemon=True)
     th.start()
     try:
-        client = HTTPReward(f"http://127.0.0.1:{server.server_port}", timeout=30)
+        client = HTTPReward(f"http://127.0.0.1:{server.server_port}", timeout=30, chunk_size=2)  # 3 requests
         images = torch.rand(5, 3, 8, 8)
         prompts = ["light", "dark", "light", "dark", "light"]
         got = client(prompts, images)
@@ -25,8 +25,10 @@ def test_http_reward_round_trip():
         assert set(got) == set(want)
         for k in want:
             assert torch.allclose(got[k], want[k], atol=1e-6)
-        with pytest.raises(Exception):
-            client(prompts[:2], images)  # server answers 400: prompts and images disagree
+        with pytest.raises(ValueError, match="2 prompts for 5 images"):
+            client(prompts[:2], images)
+        with pytest.raises(Exception, match="400"):  # the server refuses a malformed request too
+            client._post(prompts[:2], images)
     finally:
         server.shutdown()
         server.server_close()

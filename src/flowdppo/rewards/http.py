@@ -40,16 +40,23 @@ def decode_images(data: str) -> torch.Tensor:
 
 
 class HTTPReward:
-    def __init__(self, url: str, timeout: float = 300.0):
+    def __init__(self, url: str, timeout: float = 300.0, chunk_size: int = 64):
         self.url = url.rstrip("/") + "/score"
         self.timeout = timeout
+        self.chunk_size = chunk_size  # images per request: keeps a 512^2 batch's payload to tens of MB
 
-    def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _post(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, list[float]]:
         body = json.dumps({"prompts": list(prompts), "images": encode_images(images)}).encode()
         req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            out = json.loads(resp.read())
-        rewards = {k: torch.tensor(v, dtype=torch.float32) for k, v in out["rewards"].items()}
+            return json.loads(resp.read())["rewards"]
+
+    def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        parts = [self._post(prompts[i:i + self.chunk_size], images[i:i + self.chunk_size])
+                 for i in range(0, len(prompts), self.chunk_size)]
+        rewards = {k: torch.tensor([x for p in parts for x in p[k]], dtype=torch.float32) for k in parts[0]}
         for k, v in rewards.items():
             if v.shape != (len(prompts),):
                 raise ValueError(f"reward server returned {list(v.shape)} values for {k!r}, expected {len(prompts)}")
