@@ -38,9 +38,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"flowdppo train: error: {e}", file=sys.stderr)
         return 2
     run_dir = trainer.run()
-    print(f"run directory: {run_dir}")
-    if (run_dir / "report.md").exists():
-        print(f"report: {run_dir / 'report.md'}")
+    if trainer.dist.is_main:  # one line per run, not per process (torchrun / accelerate launch)
+        print(f"run directory: {run_dir}")
+        if (run_dir / "report.md").exists():
+            print(f"report: {run_dir / 'report.md'}")
     return 0
 
 

@@ -100,26 +100,37 @@ def sample(model: FlowModel, kernel: Kernel, cond: Cond, sigmas: torch.Tensor, s
 
 def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids: torch.Tensor, cond: Cond,
             sigmas: torch.Tensor, sde_steps: Sequence[int], guidance_scale: float, generator: torch.Generator,
-            batch_size: int, store_device: torch.device | str | None = None, progress=None) -> Trajectories:
+            batch_size: int, store_device: torch.device | str | None = None, progress=None,
+            part: slice | None = None) -> Trajectories:
     """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
-    from ``generator`` (CPU) so a run is reproducible whatever the device."""
+    from ``generator`` (CPU) so a run is reproducible whatever the device.
+
+    ``part`` (a slice of the batch) samples only those trajectories and returns them alone: the noise of
+    the whole batch is drawn in the same chunk order and sliced, so a sample gets the same noise whichever
+    process rolls it out (:mod:`flowdppo.distributed`).
+    """
     b = len(prompts)
     c, h, w = model.latent_shape
-    chunks: list[dict[str, torch.Tensor]] = []
+    part = slice(0, b) if part is None else part
+    noise, step_noise = [], []
     for start in range(0, b, batch_size):
-        idx = slice(start, min(start + batch_size, b))
-        m = idx.stop - idx.start
-        noise = torch.randn((m, c, h, w), generator=generator).to(model.device)
-        step_noise = torch.randn((m, len(sde_steps), c, h, w), generator=generator).to(model.device)
-        out = sample(model, kernel, cond.index(idx).to(model.device), sigmas, sde_steps, noise, guidance_scale,
-                     step_noise=step_noise)
+        m = min(batch_size, b - start)
+        noise.append(torch.randn((m, c, h, w), generator=generator))
+        step_noise.append(torch.randn((m, len(sde_steps), c, h, w), generator=generator))
+    noise, step_noise = torch.cat(noise)[part], torch.cat(step_noise)[part]
+    prompts, group_ids, cond = list(prompts)[part], group_ids[part], cond.index(part)
+    chunks: list[dict[str, torch.Tensor]] = []
+    for start in range(0, len(prompts), batch_size):
+        idx = slice(start, min(start + batch_size, len(prompts)))
+        out = sample(model, kernel, cond.index(idx).to(model.device), sigmas, sde_steps,
+                     noise[idx].to(model.device), guidance_scale, step_noise=step_noise[idx].to(model.device))
         if store_device is not None:
             out = {k: v.to(store_device) for k, v in out.items()}
         chunks.append(out)
         if progress is not None:
-            progress(m)
+            progress(idx.stop - idx.start)
     cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
-    return Trajectories(list(prompts), group_ids, cond, sigmas, list(sde_steps), cat["latents"],
+    return Trajectories(prompts, group_ids, cond, sigmas, list(sde_steps), cat["latents"],
                         cat["next_latents"], cat["log_probs"], cat["means"], cat["final"])
 
 

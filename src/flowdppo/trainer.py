@@ -11,10 +11,15 @@ One iteration:
 
 Every random draw of an iteration comes from generators seeded by ``(seed, iteration)``, so a run
 resumed from a checkpoint reproduces the uninterrupted one.
+
+Under ``torchrun`` / ``accelerate launch`` (``self.dist``, :mod:`flowdppo.distributed`) every process
+draws the same whole-batch randomness, rolls out its share, and the rewards, trajectories, anchor,
+gradients and metrics are exchanged so that the update is the one-process update; rank 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +38,7 @@ import torch
 from . import advantages as adv_lib
 from .analysis import ratio_noise_report
 from .config import Config, ConfigError
+from .distributed import Dist, NullLogger, enable_gradient_checkpointing
 from .losses import LossInputs, LossSpec, policy_loss
 from .models import FlowModel, build_model
 from .models.base import Cond
@@ -98,14 +104,19 @@ class Trainer:
     def __init__(self, cfg: Config, model: FlowModel | None = None,
                  reward_fn: Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]] | None = None,
                  prompts: Sequence[str] | None = None, run_dir: str | os.PathLike | None = None,
-                 eval_sets: dict[str, list[str]] | None = None, overwrite: bool = False):
+                 eval_sets: dict[str, list[str]] | None = None, overwrite: bool = False, dist: Dist | None = None):
         self.cfg = cfg
+        # several processes (torchrun / accelerate launch): see flowdppo.distributed; one process by default
+        self.dist = dist if dist is not None else Dist.from_env(cfg.model.device)
+        self.dist.check_batch(cfg.train.prompts_per_iter * cfg.train.group_size, cfg.train.minibatch_size)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.log.run_dir) / cfg.log.name
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and overwrite:
+        if self.dist.is_main and self.run_dir.exists() and any(self.run_dir.iterdir()) and overwrite:
             shutil.rmtree(self.run_dir)
+        self.dist.barrier()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
-        self.model = model if model is not None else build_model(cfg.model)
+        self.model = model if model is not None else build_model(
+            dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
         self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
         self.shapes_world = reward_fn is None and cfg.reward.name == "shapes"  # per-category evaluation
         self.train_prompts, self.eval_sets = self._prompt_sources(prompts, eval_sets)
@@ -119,17 +130,24 @@ class Trainer:
         a = cfg.algorithm
         self.loss_spec = LossSpec(name=a.loss, delta=a.delta, clip_eps=a.clip_eps, adv_clip=a.adv_clip, beta=a.beta)
         self.step_sel = StepSelection(**asdict(cfg.steps))
-        self.params = [p for p in self.model.trainable_parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in self.model.trainable_parameters()):
             raise ValueError("the model has no trainable parameters (enable model.lora or full fine-tuning)")
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        # backward passes per optimizer step on one process (DeepSpeed's accumulation count)
+        micro_steps = math.ceil(t.minibatch_size // self.dist.world / t.micro_batch_size) * \
+            len(self.step_sel.select(s.num_steps, t.seed, 0))
+        self.params, self.optimizer = self.dist.prepare(
+            self.model, t.sharding, lambda ps: torch.optim.AdamW(ps, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                                                 weight_decay=t.weight_decay),
+            micro_steps=micro_steps, grad_clip=t.grad_clip)
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
         self.iteration = 0  # completed iterations
-        self.logger = RunLogger(self.run_dir, cfg.log.tensorboard)
+        self.logger = RunLogger(self.run_dir, cfg.log.tensorboard) if self.dist.is_main else NullLogger()
         self.history: list[dict[str, Any]] = []
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self._prompt_cache: dict[str, Cond] = {}
 
     # ------------------------------------------------------------------ prompts
@@ -140,8 +158,10 @@ class Trainer:
             prompts = _read_lines(cfg.train.prompts_file)
         if eval_sets is None and cfg.eval.prompts_file:
             eval_sets = {"eval": _read_lines(cfg.eval.prompts_file)}
+        if eval_sets is None and prompts is not None and cfg.model.family != "shapes":
+            eval_sets = {}  # a real model with its own prompts: no shapes-world evaluation by default
         if prompts is None or eval_sets is None:
-            if cfg.model.family != "shapes" and cfg.reward.name != "shapes" and prompts is None:
+            if cfg.model.family != "shapes" and prompts is None:
                 raise ConfigError("train.prompts_file is required for models other than the embedded shapes model")
             from .worlds import shapes
             sets = shapes.prompt_sets(seed=0)
@@ -184,18 +204,21 @@ class Trainer:
         group_ids = torch.arange(len(chosen)).repeat_interleave(t.group_size)
         cond = self.encode(chosen).repeat_interleave(t.group_size)
 
-        # 1. rollout
+        # 1. rollout: this process's contiguous share of the batch (all of it in one process)
         self.model.module.eval()
         store = "cpu" if t.trajectories_on_cpu else None
+        part = self.dist.share(len(prompts))
         traj = rollout(self.model, self.kernel, prompts, group_ids, cond, self.sigmas, sde_steps,
-                       cfg.sampling.guidance_scale, _gen(t.seed, it, 1), t.rollout_batch_size, store_device=store)
+                       cfg.sampling.guidance_scale, _gen(t.seed, it, 1), t.rollout_batch_size, store_device=store,
+                       part=part)
         with torch.no_grad():
             images = self.model.decode(traj.final.to(self.model.device)).float().cpu()
+        traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
         timing["time/rollout"] = time.perf_counter() - tic
 
-        # 2. rewards and advantages
+        # 2. rewards (gathered: advantages see the whole batch, identically on every process)
         tic = time.perf_counter()
-        rewards = {k: v.float().cpu() for k, v in self.reward_fn(prompts, images).items()}
+        rewards = {k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()}
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
 
@@ -265,7 +288,7 @@ class Trainer:
         kl_ref = torch.zeros(b, s)
         self.model.module.eval()
         for mb in perm.split(t.minibatch_size):
-            for micro in mb.split(t.micro_batch_size):
+            for micro in self.dist.split(mb).split(t.micro_batch_size):
                 for j in range(s):
                     out = replay_step(self.model, self.kernel, traj, micro, j, g)
                     logp[micro, j] = out.log_prob.cpu()
@@ -275,6 +298,9 @@ class Trainer:
                         with self.model.disable_adapter():
                             ref = replay_step(self.model, self.kernel, traj, micro, j, g)
                         kl_ref[micro, j] = self.kernel.kl(out.mean, ref.mean, out.std).cpu()
+        # each process filled its shares (zeros elsewhere): the sum is the whole batch's anchor
+        for x in (logp, means, std) + ((kl_ref,) if t.log_ref_kl else ()):
+            self.dist.all_reduce_sum_(x)
         diff = (logp - traj.log_probs.cpu()).abs()
         tol = self.cfg.sampling.replay_tolerance
         if float(diff.max()) > tol:
@@ -291,11 +317,11 @@ class Trainer:
         """One optimizer step on samples ``mb``; returns the loss metrics of the whole mini-batch."""
         t, g, spec = self.cfg.train, self.cfg.sampling.guidance_scale, self.loss_spec
         s = len(traj.sde_steps)
-        n_entries = len(mb) * s
-        self.optimizer.zero_grad(set_to_none=True)
+        n_entries = len(mb) * s  # the whole mini-batch's, over all processes: the step does not depend on their number
+        self.dist.zero_grad(self.optimizer)
         rec: dict[str, list[torch.Tensor]] = {"logp_new": [], "kl": [], "kl_ref": [], "mean_new": [], "idx": []}
         dev = self.model.device
-        for micro in mb.split(t.micro_batch_size):
+        for micro in self.dist.split(mb).split(t.micro_batch_size):
             cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp_new", "kl", "kl_ref", "mean_new")}
             for j in range(s):
                 out = replay_step(self.model, self.kernel, traj, micro, j, g)
@@ -315,7 +341,7 @@ class Trainer:
                     mean_old=mean_old[:, None] if spec.needs_means else None,
                     std=std[:, None], dt=step_sigma.to(dev).expand(len(micro), 1).float(), kl_ref=kl_ref)
                 loss, _ = policy_loss(inp, spec)
-                (loss.sum() / n_entries).backward()
+                self.dist.backward(loss.sum() / n_entries)
                 cols["logp_new"].append(out.log_prob.detach().cpu())
                 cols["kl"].append(kl.detach().cpu())
                 if kl_ref is not None:
@@ -326,11 +352,10 @@ class Trainer:
                 if v:
                     rec[k].append(torch.stack(v, 1))
             rec["idx"].append(micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-        self.optimizer.step()
-        # metrics of the whole mini-batch from the same pure loss function (detached, no grad)
-        idx = torch.cat(rec["idx"])
-        cat = {k: torch.cat(v, 0) for k, v in rec.items() if v and k != "idx"}
+        grad_norm = self.dist.step(self.optimizer, self.params, t.grad_clip)  # gradients summed over processes
+        # metrics of the whole mini-batch (every process's entries) from the same pure loss function
+        idx = self.dist.all_gather_cat(torch.cat(rec["idx"]))
+        cat = {k: self.dist.all_gather_cat(torch.cat(v, 0)) for k, v in rec.items() if v and k != "idx"}
         inp = LossInputs(
             logp_new=cat["logp_new"], logp_old=anchor["logp"][idx], adv=adv[idx], kl=cat["kl"],
             mean_new=cat.get("mean_new"),
@@ -376,14 +401,20 @@ class Trainer:
             if not prompts:
                 continue
             gen = torch.Generator().manual_seed(cfg.eval.seed)
+            bs = cfg.train.rollout_batch_size
+            noise = torch.cat([torch.randn((min(bs, len(prompts) - start), c, h, w), generator=gen)
+                               for start in range(0, len(prompts), bs)])
+            # this process's part of the set, padded so that every process runs the same forwards
+            mine, _ = self.dist.padded_share(len(prompts))
+            local = [prompts[i] for i in mine.tolist()]
             finals = []
-            for start in range(0, len(prompts), cfg.train.rollout_batch_size):
-                chunk = prompts[start:start + cfg.train.rollout_batch_size]
-                noise = torch.randn((len(chunk), c, h, w), generator=gen).to(self.model.device)
-                finals.append(ode_sample(self.model, self.encode(chunk).to(self.model.device), self.sigmas, noise,
-                                         cfg.sampling.guidance_scale).cpu())
+            for start in range(0, len(local), bs):
+                sel = mine[start:start + bs]
+                finals.append(ode_sample(self.model, self.encode(local[start:start + bs]).to(self.model.device),
+                                         self.sigmas, noise[sel].to(self.model.device), cfg.sampling.guidance_scale).cpu())
             images = self.model.decode(torch.cat(finals).to(self.model.device)).float().cpu()
-            scores = {k: v.float() for k, v in self.reward_fn(prompts, images).items()}
+            scores = {k: self.dist.gather_padded(v.float().cpu(), len(prompts))
+                      for k, v in self.reward_fn(local, images).items()}
             for k, v in scores.items():
                 out[f"eval/{name}/{k}"] = float(v.mean())
             if self.shapes_world:
@@ -409,30 +440,44 @@ class Trainer:
         finals = ode_sample(self.model, self.encode(rows).to(self.model.device), self.sigmas, noise,
                             self.cfg.sampling.guidance_scale)
         images = self.model.decode(finals).float().cpu()
+        if not self.dist.is_main:  # every process sampled (FSDP2 needs it); rank 0 writes
+            return None
         save_image_grid(images, prompts, n_seeds, path)
         return path
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> Path:
-        """Atomically write ``checkpoints/ckpt-<iteration>`` and point ``checkpoints/latest`` at it."""
+    def save_checkpoint(self, sync: bool = True) -> Path:
+        """Atomically write ``checkpoints/ckpt-<iteration>`` and point ``checkpoints/latest`` at it.
+
+        With several processes every one calls this (FSDP2 gathers full tensors, DeepSpeed writes its
+        shards) and rank 0 writes the files; ``sync=False`` skips the barriers (rank 0 alone, DDP only).
+        """
         root = self.run_dir / "checkpoints"
-        root.mkdir(exist_ok=True)
         name = f"ckpt-{self.iteration:06d}"
-        tmp = root / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp, final = root / (name + ".tmp"), root / name
+        weights = self.dist.full_state(self.model, self.params)     # full tensors on rank 0, None elsewhere
+        optim = self.dist.optimizer_state(self.optimizer)
+        if self.dist.is_main:
+            root.mkdir(exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.dist.save_engine(tmp)  # DeepSpeed: its sharded optimizer state, from every process
+        if sync:
+            self.dist.barrier()
+        if not self.dist.is_main:
+            if sync:
+                self.dist.barrier()  # rank 0 has written the files
+            return final
         from safetensors.torch import save_file
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.adapter_state_dict().items()},
-                  str(tmp / "adapter.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
         torch.save({
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim,
             "tracker": self.tracker.state_dict() if self.tracker else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "history": self.history,
         }, tmp / "state.pt")
-        final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = root / "latest.tmp"
@@ -441,6 +486,8 @@ class Trainer:
         done = sorted(p for p in root.glob("ckpt-*") if not p.name.endswith(".tmp"))
         for stale in done[:-2]:  # keep the last two
             shutil.rmtree(stale, ignore_errors=True)
+        if sync:
+            self.dist.barrier()
         return final
 
     def load_checkpoint(self, path: Path | None = None) -> int:
@@ -451,9 +498,11 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint in {root}: nothing to resume")
             path = root / latest.read_text().strip()
         from safetensors.torch import load_file
-        self.model.load_adapter_state_dict(load_file(str(path / "adapter.safetensors")))
+        # every process reads the same files (a shared file system for several nodes)
+        self.dist.load_state(self.model, self.params, load_file(str(path / "adapter.safetensors")))
         state = torch.load(path / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_optimizer_state(self.optimizer, self.params, state["optimizer"])
+        self.dist.load_engine(path)
         if self.tracker and state.get("tracker"):
             self.tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -472,7 +521,7 @@ class Trainer:
         On an interruption the finished iterations are checkpointed before the error propagates.
         """
         cfg = self.cfg
-        progress = cfg.log.progress if progress is None else progress
+        progress = (cfg.log.progress if progress is None else progress) and self.dist.is_main
         end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.iteration + stop_after)
         bar = None
         if progress:
@@ -481,7 +530,7 @@ class Trainer:
         evals_path = self.run_dir / "eval.jsonl"
         try:
             if self.iteration == 0 and self.eval_sets:
-                if not evals_path.exists():
+                if not self.dist.from_main(evals_path.exists()):
                     self._log_eval(-1, evals_path)
                     self.image_grid(self.run_dir / "grid_before.png")
             while self.iteration < end:
@@ -508,8 +557,9 @@ class Trainer:
                     bar.set_postfix(post)
                     bar.update(1)
         except BaseException:
-            if self.iteration > 0:
-                self.save_checkpoint()
+            # several processes: the others may be gone, so only rank 0 of a DDP run saves, without barriers
+            if self.iteration > 0 and (not self.dist.active or (self.dist.is_main and self.dist.sharding == "ddp")):
+                self.save_checkpoint(sync=not self.dist.active)
                 log.warning("interrupted: iterations 0..%d checkpointed in %s", self.iteration - 1, self.run_dir)
             raise
         finally:
@@ -519,16 +569,21 @@ class Trainer:
             self.save_checkpoint()
             if self.eval_sets:
                 self.image_grid(self.run_dir / "grid_after.png")
-            self.model.save_adapter(str(self.run_dir / "adapter"))
-            from .report import write_report
-            write_report(self.run_dir)
+            with self.dist.full_params(self.model.module):  # FSDP2: whole weights for the export
+                if self.dist.is_main:
+                    self.model.save_adapter(str(self.run_dir / "adapter"))
+            if self.dist.is_main:
+                from .report import write_report
+                write_report(self.run_dir)
+            self.dist.barrier()
         self.logger.close()
         return self.run_dir
 
     def _log_eval(self, it: int, path: Path) -> dict[str, Any]:
         res = self.evaluate()
-        with open(path, "a") as f:
-            f.write(json.dumps({"iteration": it, **res}) + "\n")
+        if self.dist.is_main:
+            with open(path, "a") as f:
+                f.write(json.dumps({"iteration": it, **res}) + "\n")
         return res
 
 

@@ -1,0 +1,311 @@
+"""Flow-matching pretraining of the embedded shapes model (how the shipped weights were made).
+
+Data: fresh ``(prompt, scene)`` pairs of every category of the shapes world's *train* split
+(``sample_prompt(rng, category, "train")`` -> ``scene_for_prompt`` -> ``render``), categories drawn
+uniformly; 10% of the prompts are replaced by ``""`` so that classifier-free guidance works.
+
+Objective: rectified flow ``x_t = (1 - t) x0 + t eps``, target ``eps - x0`` (MSE), the network
+called at ``timestep = 1000 t``. ``t`` is drawn logit-normal (``sigmoid(N(0, 1))``, SD3's choice)
+mixed with 10% uniform draws so the ends of the schedule (``t`` near 1, where composition is
+decided, and near 0) are also trained. AdamW, linear warm-up then a constant learning rate, grad
+clip 1, and an EMA of the weights (what is saved and evaluated).
+
+Checkpoints: every ``ckpt_every`` steps ``<ckpt_dir>/step_XXXXXXX/`` (a loadable model folder of the
+EMA weights) and ``<ckpt_dir>/last.pt`` (weights, EMA, optimizer, step, data RNG) for ``--resume``.
+The final EMA model goes to ``out_dir`` (``config.json`` + ``model.safetensors``) and is evaluated:
+10-step Euler ODE samples of the held-out ``eval`` prompts, scored by ``score_batch``, strict
+accuracy per category and overall.
+
+    python -m flowdppo.pretrain --out src/flowdppo/assets/shapes_model --steps 12000 --seed 0
+    python -m flowdppo.pretrain --eval-only --out runs/pretrain/ckpt/step_0006000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .models.shapes_model import ShapesFlowModel
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, p_uncond: float = 0.1,
+               categories: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """``batch_size`` fresh train-split pairs: prompts (``""`` with prob ``p_uncond``) and ``x0 [B, 3, 32, 32]`` in [-1, 1]."""
+    from .worlds import shapes
+
+    cats = list(categories or shapes.CATEGORIES)
+    prompts, images = [], []
+    for _ in range(batch_size):
+        cat = cats[int(rng.integers(len(cats)))]
+        prompt = shapes.sample_prompt(rng, cat, "train")
+        scene = shapes.scene_for_prompt(prompt, rng)
+        images.append(shapes.render(scene))
+        prompts.append("" if rng.random() < p_uncond else prompt.text)
+    x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2.0 - 1.0
+    return prompts, x0.contiguous()
+
+
+def sample_t(n: int, generator: torch.Generator, dist: str = "logit-normal", p_uniform: float = 0.1) -> torch.Tensor:
+    """Flow times ``[n]`` in (0, 1): ``"logit-normal"`` (sigmoid of N(0,1), a ``p_uniform`` share uniform) or ``"uniform"``."""
+    u = torch.rand(n, generator=generator)
+    if dist == "uniform":
+        return u
+    if dist != "logit-normal":
+        raise ValueError(f"unknown t distribution {dist!r}; valid: logit-normal, uniform")
+    t = torch.sigmoid(torch.randn(n, generator=generator))
+    use_u = torch.rand(n, generator=generator) < p_uniform
+    return torch.where(use_u, u, t)
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+@torch.no_grad()
+def evaluate(model: ShapesFlowModel, prompts: Sequence[Any] | None = None, samples_per_prompt: int = 1,
+             num_steps: int = 10, guidance_scale: float = 1.0, seed: int = 0, schedule: str = "model",
+             grid_path: str | os.PathLike | None = None, grid_prompts: int = 12, grid_seeds: int = 8) -> dict[str, Any]:
+    """Strict / soft accuracy of 10-step Euler ODE samples on the held-out ``eval`` prompts.
+
+    ``prompts``: shapes ``Prompt`` objects (default ``prompt_sets(seed=0)["eval"]``, what the trainer
+    evaluates). Returns ``{"overall": strict over all samples, "overall_soft", "macro": mean over
+    categories, "per_category": {cat: strict}, "n": samples}``; optionally writes a PNG grid.
+    """
+    from .worlds import shapes
+
+    model.module.eval()
+    if prompts is None:
+        prompts = shapes.prompt_sets(seed=0)["eval"]
+    rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    gen = torch.Generator().manual_seed(seed)
+    images = model.generate([p.text for p in rows], num_steps=num_steps, guidance_scale=guidance_scale,
+                            generator=gen, schedule=schedule)
+    scores = shapes.score_batch(rows, images)
+    strict = np.array([float(s.strict) for s in scores])
+    soft = np.array([float(s.soft) for s in scores])
+    cats = [p.category for p in rows]
+    per_cat = {c: float(strict[[ci == c for ci in cats]].mean()) for c in shapes.CATEGORIES if c in cats}
+    res = {"overall": float(strict.mean()), "overall_soft": float(soft.mean()),
+           "macro": float(np.mean(list(per_cat.values()))), "per_category": per_cat, "n": len(rows),
+           "num_steps": num_steps, "guidance_scale": guidance_scale, "seed": seed}
+    if grid_path is not None:
+        by_cat: dict[str, list[Any]] = {}
+        for p in prompts:
+            by_cat.setdefault(p.category, []).append(p)
+        picked: list[Any] = []
+        while len(picked) < grid_prompts and any(by_cat.values()):
+            for c in list(by_cat):
+                if by_cat[c] and len(picked) < grid_prompts:
+                    picked.append(by_cat[c].pop(0))
+        g = torch.Generator().manual_seed(seed + 1)
+        imgs = model.generate([p.text for p in picked for _ in range(grid_seeds)], num_steps=num_steps,
+                              guidance_scale=guidance_scale, generator=g, schedule=schedule)
+        save_grid(imgs, [p.text for p in picked], grid_seeds, Path(grid_path))
+    return res
+
+
+def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Path) -> None:
+    """``images [R*n_cols, 3, H, W]`` -> a labelled PNG (the report's helper, or plain PIL)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from .report import save_image_grid
+
+        save_image_grid(images, list(labels), n_cols, path)
+        return
+    except Exception:  # noqa: BLE001 - the report module is optional here
+        pass
+    from PIL import Image
+
+    r, (c, h, w) = len(labels), images.shape[1:]
+    grid = torch.ones(3, r * (h + 2), n_cols * (w + 2))
+    for i in range(r):
+        for j in range(n_cols):
+            grid[:, i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = images[i * n_cols + j]
+    arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    Image.fromarray(arr).resize((arr.shape[1] * 4, arr.shape[0] * 4), Image.NEAREST).save(path)
+
+
+def format_eval(res: dict[str, Any]) -> str:
+    lines = [f"held-out strict accuracy ({res['n']} samples, {res['num_steps']} Euler steps, cfg {res['guidance_scale']}):"]
+    for c, a in res["per_category"].items():
+        lines.append(f"  {c:15s} {a:6.1%}")
+    lines.append(f"  {'overall':15s} {res['overall']:6.1%}   (macro {res['macro']:.1%}, soft {res['overall_soft']:.1%})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for n, p in module.state_dict().items():
+            if p.is_floating_point():
+                ema[n].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+            else:
+                ema[n].copy_(p)
+
+
+def _model_with(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ShapesFlowModel:
+    m = ShapesFlowModel.from_config(cfg, seed=0)
+    m.module.load_state_dict(state)
+    return m
+
+
+def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, *,
+             model_config: dict[str, Any] | None = None, ckpt_dir: str | os.PathLike | None = None,
+             ckpt_every: int = 1000, ema_decay: float = 0.999, p_uncond: float = 0.1, t_dist: str = "logit-normal",
+             warmup: int = 300, weight_decay: float = 0.01, grad_clip: float = 1.0, resume: bool = False,
+             max_minutes: float | None = None, threads: int | None = 2, eval_samples_per_prompt: int = 2,
+             eval_guidance: Sequence[float] = (1.0,), grid: bool = True, log_every: int = 100,
+             progress: bool = True) -> dict[str, Any]:
+    """Pretrain a shapes model from scratch; write the EMA weights to ``out_dir`` and evaluate them.
+
+    ``steps`` optimizer steps of ``batch_size`` fresh pairs (``max_minutes`` stops earlier, counted
+    from the start of this call). ``ckpt_dir`` defaults to ``<out_dir>/../<name>-ckpt`` under ``runs/``
+    semantics: pass it explicitly to keep checkpoints outside the package. Returns the evaluation
+    (``{guidance: eval dict}`` under ``"eval"``) plus ``steps``, ``wall_s``.
+    """
+    from tqdm.auto import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir.parent / f"{out_dir.name}-ckpt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    model = ShapesFlowModel.from_config(model_config, seed=seed)
+    net = model.module
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    ema = {n: v.detach().clone() for n, v in net.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    tgen = torch.Generator().manual_seed(seed + 1)
+    step, prior_wall = 0, 0.0
+    last = ckpt_dir / "last.pt"
+    if resume and last.exists():
+        st = torch.load(last, map_location="cpu", weights_only=False)
+        net.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        rng.bit_generator.state = st["rng"]
+        tgen.set_state(st["tgen"])
+        step, prior_wall = st["step"], st.get("wall_s", 0.0)
+        log.info("resumed from %s at step %d", last, step)
+    n_params = sum(p.numel() for p in net.parameters())
+    log.info("shapes model: %.2fM parameters, config %s", n_params / 1e6,
+             {k: v for k, v in model.config.items() if k != "vocab"})
+
+    def save_ckpt() -> None:
+        _model_with(ema, model.config).save_pretrained(ckpt_dir / f"step_{step:07d}", extra={"step": step})
+        tmp = ckpt_dir / "last.pt.tmp"
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "rng": rng.bit_generator.state,
+                    "tgen": tgen.get_state(), "step": step, "wall_s": prior_wall + time.time() - t_start}, tmp)
+        os.replace(tmp, last)
+
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc="pretrain", dynamic_ncols=True, mininterval=5)
+    loss_avg, data_s, model_s = None, 0.0, 0.0
+    while step < steps:
+        if max_minutes is not None and time.time() - t_start > 60.0 * max_minutes:
+            log.info("time limit of %.1f min reached at step %d", max_minutes, step)
+            break
+        t0 = time.perf_counter()
+        prompts, x0 = make_batch(rng, batch_size, p_uncond)
+        t1 = time.perf_counter()
+        eps = torch.randn(x0.shape, generator=tgen)
+        t = sample_t(batch_size, tgen, t_dist)
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+        ids = net.text_encoder.ids(prompts)
+        ehs, pooled = net.text_encoder(ids)
+        v = net(xt, t, ehs, pooled)
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        step += 1
+        _ema_update(ema, net, min(ema_decay, (1 + step) / (10 + step)))
+        t2 = time.perf_counter()
+        data_s += t1 - t0
+        model_s += t2 - t1
+        loss_val = loss.item()
+        loss_avg = loss_val if loss_avg is None else 0.98 * loss_avg + 0.02 * loss_val
+        bar.update(1)
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            log.info("step %d loss %.4f (data %.0f ms, model %.0f ms per step)", step, loss_avg,
+                     1000 * data_s / log_every, 1000 * model_s / log_every)
+            data_s = model_s = 0.0
+        if step % ckpt_every == 0:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    wall = prior_wall + time.time() - t_start
+    final = _model_with(ema, model.config)
+    final.save_pretrained(out_dir, extra={
+        "step": step, "train": {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "t_dist": t_dist,
+                                "ema_decay": ema_decay, "p_uncond": p_uncond, "wall_s": round(wall, 1)}})
+    log.info("saved %s after %d steps, %.1f min", out_dir, step, wall / 60)
+    result: dict[str, Any] = {"steps": step, "wall_s": wall, "params": n_params, "eval": {}}
+    for g in eval_guidance:
+        res = evaluate(final, samples_per_prompt=eval_samples_per_prompt, guidance_scale=g, seed=seed,
+                       grid_path=(ckpt_dir / f"samples_cfg{g:g}.png") if grid else None)
+        result["eval"][g] = res
+        print(format_eval(res), flush=True)
+    (ckpt_dir / "eval.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flowdppo pretrain", description="Pretrain the embedded shapes model.")
+    p.add_argument("--out", required=True, help="output model folder (config.json + model.safetensors)")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-dir", help="checkpoints (default <out>-ckpt next to --out)")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--t-dist", default="logit-normal", choices=["logit-normal", "uniform"])
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from <ckpt-dir>/last.pt")
+    p.add_argument("--config", help="JSON dict of model config overrides (see shapes_model.DEFAULT_CONFIG)")
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0])
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out")
+    p.add_argument("--grid", help="with --eval-only: write a sample grid PNG here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.eval_only:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model = ShapesFlowModel.from_pretrained(a.out)
+        for g in a.eval_guidance:
+            res = evaluate(model, samples_per_prompt=a.eval_samples, guidance_scale=g, seed=a.seed, grid_path=a.grid)
+            print(format_eval(res), flush=True)
+        return 0
+    pretrain(a.out, a.steps, a.batch_size, a.lr, a.seed, model_config=json.loads(a.config) if a.config else None,
+             ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every, ema_decay=a.ema_decay, t_dist=a.t_dist,
+             max_minutes=a.max_minutes, threads=a.threads, resume=a.resume, eval_samples_per_prompt=a.eval_samples,
+             eval_guidance=a.eval_guidance, progress=not a.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""The embedded shapes model adapter (tiny random configs; the shipped weights only where present)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowdppo.models.base import Cond, FlowModel
+from flowdppo.models.shapes_model import ASSET_DIR, ShapesFlowModel, tokenize
+
+VOCAB = ["a", "an", "one", "two", "three", "red", "blue", "green", "circle", "circles", "square", "triangle",
+         "to", "the", "left", "right", "of", "above", "below"]
+TINY = {"num_layers": 2, "num_heads": 2, "head_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2,
+        "max_tokens": 10, "vocab": VOCAB}
+PROMPTS = ["a red circle to the left of a blue square", "three triangles", "", "a purple hexagon"]
+
+
+def tiny(seed: int = 0) -> ShapesFlowModel:
+    return ShapesFlowModel.from_config(TINY, seed=seed)
+
+
+def inputs(b: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, 32, 32, generator=g), torch.rand(b, generator=g)
+
+
+def randomize_lora(model: ShapesFlowModel, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_protocol_shapes_and_dtype():
+    m = tiny()
+    assert isinstance(m, FlowModel)
+    x, s = inputs()
+    cond = m.encode_prompts(PROMPTS)
+    assert set(cond.tensors) == {"encoder_hidden_states", "pooled_projections"}
+    assert cond["encoder_hidden_states"].shape == (4, 10, 16) and cond["pooled_projections"].shape == (4, 16)
+    v = m.velocity(x.double(), s, cond)
+    assert v.shape == (4, 3, 32, 32) and v.dtype == torch.float32 and torch.isfinite(v).all()
+    assert m.decode(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 5, 1, 1).expand(1, 5, 1, 1)).flatten().tolist() \
+        == [0.0, 0.0, 0.5, 1.0, 1.0]
+    sig = m.sigmas(10, "model")
+    assert sig.shape == (11,) and sig.dtype == torch.float32 and sig[0] == 1 and sig[-1] == 0
+    assert torch.allclose(sig, torch.linspace(1, 0, 11))                     # default shift 1 = linear
+    assert torch.allclose(m.sigmas(10, "uniform-shift", shift=3.0)[1], torch.tensor(0.9643), atol=1e-4)
+
+
+def test_text_encoder_padding_and_empty_prompt():
+    m = tiny()
+    assert tokenize("A red circle, to the LEFT.") == ["a", "red", "circle", "to", "the", "left"]
+    ids = m.module.text_encoder.ids(PROMPTS)
+    assert ids[2].eq(0).all()                                                # empty prompt = all padding
+    assert ids[3].tolist()[:3] == [m.module.text_encoder.index["a"], 1, 1]   # unknown words -> [UNK]
+    cond = m.encode_prompts(PROMPTS)
+    ehs = cond["encoder_hidden_states"]
+    assert ehs[1, 2:].eq(0).all() and ehs[1, :2].abs().sum() > 0            # pads zeroed
+    assert ehs[2].eq(0).all() and cond["pooled_projections"][2].eq(0).all()  # unconditional = zeros
+    # batch composition does not change a prompt's embedding (padding is masked)
+    alone = m.encode_prompts(PROMPTS[1:2])
+    assert torch.allclose(alone["encoder_hidden_states"][0], ehs[1], atol=1e-6)
+
+
+def test_timestep_is_1000_sigma():
+    m = tiny()
+    x, s = inputs()
+    cond = m.encode_prompts(PROMPTS)
+    seen = {}
+    orig = m.module.transformer.forward
+
+    def spy(*args, **kw):
+        seen["t"] = kw["timestep"].clone()
+        return orig(*args, **kw)
+
+    m.module.transformer.forward = spy
+    v = m.velocity(x, s, cond)
+    assert torch.allclose(seen["t"], 1000 * s)
+    direct = orig(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"],
+                  pooled_projections=cond["pooled_projections"], timestep=1000 * s, return_dict=False)[0]
+    assert torch.equal(v, direct)
+    v2 = m.velocity(x, s[0], cond)                                           # a 0-d sigma broadcasts
+    assert torch.equal(v2[0], m.velocity(x, s[0].expand(4), cond)[0])
+
+
+def test_lora_init_is_identity_and_disable_restores_base():
+    m = tiny()
+    x, s = inputs()
+    cond = m.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        base = m.velocity(x, s, cond)
+    m.add_lora(rank=4, alpha=8)
+    names = [n for n, p in m.module.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and n.startswith("transformer.") for n in names)
+    assert len(m.trainable_parameters()) == len(names)
+    assert any("add_q_proj" in n for n in names) and any("to_add_out" in n for n in names)
+    with torch.no_grad():
+        assert torch.equal(m.velocity(x, s, cond), base)                     # B = 0 at init
+        randomize_lora(m)
+        adapted = m.velocity(x, s, cond)
+        assert not torch.allclose(adapted, base)
+        with m.disable_adapter():
+            assert torch.equal(m.velocity(x, s, cond), base)
+        assert torch.equal(m.velocity(x, s, cond), adapted)                  # re-enabled on exit
+    # gradients reach only the adapter
+    m.velocity(x, s, cond).pow(2).mean().backward()
+    assert all(p.grad is not None for p in m.trainable_parameters())
+    assert all(p.grad is None for n, p in m.module.named_parameters() if "lora_" not in n)
+
+
+def test_cfg():
+    m = tiny()
+    x, s = inputs()
+    c1 = m.encode_prompts(PROMPTS, guidance_scale=1.0)
+    cg = m.encode_prompts(PROMPTS, guidance_scale=4.0)
+    assert "uncond_encoder_hidden_states" in cg and cg.batch_size == 4
+    with torch.no_grad():
+        v_c = m.velocity(x, s, c1)
+        assert torch.equal(m.velocity(x, s, cg, guidance_scale=1.0), v_c)   # scale 1 = conditional
+        v_u = m.velocity(x, s, m.encode_prompts([""] * 4))
+        v_g = m.velocity(x, s, cg, guidance_scale=4.0)
+        assert torch.allclose(v_g, v_u + 4.0 * (v_c - v_u), atol=1e-4)
+        # a Cond without the unconditional rows still works (computed on the fly)
+        assert torch.allclose(m.velocity(x, s, c1, guidance_scale=4.0), v_g, atol=1e-5)
+        # the Cond survives the trainer's index / repeat
+        sub = cg.index([1, 3]).repeat_interleave(2)
+        assert torch.allclose(m.velocity(x[[1, 1, 3, 3]], s[[1, 1, 3, 3]], sub, 4.0), v_g[[1, 1, 3, 3]], atol=1e-4)
+
+
+def test_adapter_save_load_roundtrip(tmp_path):
+    m = tiny()
+    m.add_lora(rank=4, alpha=8)
+    randomize_lora(m, seed=3)
+    x, s = inputs()
+    cond = m.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        ref = m.velocity(x, s, cond)
+    m.save_adapter(tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["lora"]["rank"] == 4 and meta["kind"] == "lora"
+    # in-memory state dict round trip
+    m2 = tiny()
+    m2.add_lora(rank=4, alpha=8)
+    m2.load_adapter_state_dict(m.adapter_state_dict())
+    # from disk onto a fresh base (adds the adapter itself)
+    m3 = tiny()
+    m3.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(m2.velocity(x, s, cond), ref)
+        assert torch.equal(m3.velocity(x, s, cond), ref)
+    with pytest.raises(KeyError):
+        m2.load_adapter_state_dict({"nope": torch.zeros(1)})
+
+
+def test_full_finetune_reference_and_base_save_load(tmp_path):
+    m = tiny()
+    x, s = inputs()
+    cond = m.encode_prompts(PROMPTS)
+    m.save_pretrained(tmp_path / "base", half=False)
+    with torch.no_grad():
+        base = m.velocity(x, s, cond)
+        assert torch.equal(ShapesFlowModel.from_pretrained(tmp_path / "base").velocity(x, s, cond), base)
+    assert len(m.trainable_parameters()) == len(list(m.module.parameters()))   # no adapter: everything
+    m.enable_full_finetune()
+    assert all(not p.requires_grad for p in m.module.text_encoder.parameters())
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(0.01)
+        assert not torch.allclose(m.velocity(x, s, cond), base)
+        with m.disable_adapter():
+            assert torch.equal(m.velocity(x, s, cond), base)
+
+
+def test_pretrain_smoke(tmp_path):
+    pytest.importorskip("flowdppo.worlds.shapes")
+    from flowdppo.pretrain import pretrain
+
+    tiny_cfg = {k: v for k, v in TINY.items() if k != "vocab"}
+    out = tmp_path / "model"
+    res = pretrain(out, steps=20, batch_size=8, lr=1e-3, seed=0, model_config=tiny_cfg, ckpt_dir=tmp_path / "ckpt",
+                   ckpt_every=10, threads=None, eval_samples_per_prompt=1, grid=False, progress=False)
+    assert res["steps"] == 20 and 0.0 <= res["eval"][1.0]["overall"] <= 1.0
+    assert (tmp_path / "ckpt" / "step_0000010" / "model.safetensors").exists()
+    m = ShapesFlowModel.from_pretrained(out)
+    x, s = inputs(2)
+    v = m.velocity(x, s, m.encode_prompts(["three triangles", "a red circle"]))
+    assert v.shape == (2, 3, 32, 32) and torch.isfinite(v).all()
+    # resume continues from last.pt
+    res2 = pretrain(out, steps=25, batch_size=8, seed=0, model_config=tiny_cfg, ckpt_dir=tmp_path / "ckpt",
+                    resume=True, threads=None, eval_samples_per_prompt=1, grid=False, progress=False)
+    assert res2["steps"] == 25
+
+
+@pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").exists(), reason="shipped weights not built yet")
+def test_shipped_weights_load():
+    m = ShapesFlowModel.from_pretrained()
+    x, s = inputs(2)
+    with torch.no_grad():
+        v = m.velocity(x, s, m.encode_prompts(["three triangles", "a red circle"]))
+    assert v.shape == (2, 3, 32, 32) and torch.isfinite(v).all()
