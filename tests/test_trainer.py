@@ -40,7 +40,7 @@ def test_two_iterations_write_everything(tmp_path):
         assert key in ms[0], key
     assert ms[0]["num_optimizer_steps"] == 2  # 16 samples / minibatch 8
     for f in ("config.yaml", "eval.jsonl", "report.md", "grid_before.png", "grid_after.png", "plot_reward.png",
-              "checkpoints/latest", "adapter/adapter.safetensors"):
+              "checkpoints/latest", "adapter/adapter.safetensors", "plot_ratio_noise.png"):
         assert (run_dir / f).exists(), f
     assert "Evaluation" in (run_dir / "report.md").read_text()
 

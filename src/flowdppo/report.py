@@ -116,6 +116,31 @@ def write_report(run_dir: str | Path) -> Path:
             plt.close(fig)
             figs.append(("Accuracy against KL to the reference", "plot_acc_vs_kl.png"))
 
+    # ratio noise (SPEC section 9) measured live: std[log r] against sqrt(2 KL), and PPO-0.2 clip fractions
+    noise = [m for m in metrics if any(k.startswith("ratio_noise/") for k in m)]
+    if noise:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+        steps = sorted({int(k.split("/")[1][4:]) for m in noise for k in m if k.startswith("ratio_noise/")})
+        for st in steps:
+            pre = f"ratio_noise/step{st}/"
+            xs = [m["iteration"] for m in noise if pre + "log_r_std" in m]
+            meas = [m[pre + "log_r_std"] for m in noise if pre + "log_r_std" in m]
+            pred = [m[pre + "log_r_std_pred"] for m in noise if pre + "log_r_std" in m]
+            line, = ax[0].plot(xs, meas, "o-", label=f"step {st} measured")
+            ax[0].plot(xs, pred, "--", color=line.get_color(), label=f"step {st} sqrt(2 KL)")
+            ax[1].plot(xs, [m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"] for m in noise if pre + "log_r_std" in m],
+                       "o-", color=line.get_color(), label=f"step {st}")
+        ax[0].set_title("std of the exact log-ratio after the update")
+        ax[0].set_xlabel("iteration")
+        ax[0].legend(fontsize=7)
+        ax[1].set_title("fraction a PPO clip of 0.2 would cut (exact ratio)")
+        ax[1].set_xlabel("iteration")
+        ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "plot_ratio_noise.png", dpi=90)
+        plt.close(fig)
+        figs.append(("Ratio noise (measured on the live run)", "plot_ratio_noise.png"))
+
     lines = [f"# flowdppo run `{run_dir.name}`", ""]
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists():
