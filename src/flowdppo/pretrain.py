@@ -7,16 +7,21 @@ uniformly; 10% of the prompts are replaced by ``""`` so that classifier-free gui
 Objective: rectified flow ``x_t = (1 - t) x0 + t eps``, target ``eps - x0`` (MSE), the network
 called at ``timestep = 1000 t``. ``t`` is drawn logit-normal (``sigmoid(N(0, 1))``, SD3's choice)
 mixed with 10% uniform draws so the ends of the schedule (``t`` near 1, where composition is
-decided, and near 0) are also trained. AdamW, linear warm-up then a constant learning rate, grad
-clip 1, and an EMA of the weights (what is saved and evaluated).
+decided, and near 0) are also trained. AdamW, linear warm-up, a constant learning rate, then
+(``cooldown``) a linear decay to 0 over the last steps (a warm-up/stable/decay schedule); grad clip 1;
+an EMA of the weights.
 
 Checkpoints: every ``ckpt_every`` steps ``<ckpt_dir>/step_XXXXXXX/`` (a loadable model folder of the
-EMA weights) and ``<ckpt_dir>/last.pt`` (weights, EMA, optimizer, step, data RNG) for ``--resume``.
-The final EMA model goes to ``out_dir`` (``config.json`` + ``model.safetensors``) and is evaluated:
-10-step Euler ODE samples of the held-out ``eval`` prompts, scored by ``score_batch``, strict
-accuracy per category and overall.
+EMA weights) and ``<ckpt_dir>/last.pt`` (weights, EMA, optimizer, step, data RNG) for ``--resume``;
+a resumed run continues the same data stream, so stopping and resuming gives the same run as one
+call. The final model goes to ``out_dir`` (``config.json`` + fp16 ``model.safetensors``): the raw
+weights when the schedule cools down to 0 (they beat the EMA there, which still averages the
+high-lr phase), else the EMA (``ship``). It is then evaluated: 10-step Euler ODE samples of the
+held-out ``eval`` prompts, scored by ``score_batch``, strict accuracy per category and overall.
 
-    python -m flowdppo.pretrain --out src/flowdppo/assets/shapes_model --steps 12000 --seed 0
+    # the shipped weights (see models/README.md)
+    python -m flowdppo.pretrain --out src/flowdppo/assets/shapes_model --ckpt-dir runs/pretrain/ckpt \
+        --steps 15500 --cooldown 3500 --seed 0
     python -m flowdppo.pretrain --eval-only --out runs/pretrain/ckpt/step_0006000
 """
 
@@ -68,6 +73,14 @@ def sample_t(n: int, generator: torch.Generator, dist: str = "logit-normal", p_u
     t = torch.sigmoid(torch.randn(n, generator=generator))
     use_u = torch.rand(n, generator=generator) < p_uniform
     return torch.where(use_u, u, t)
+
+
+def lr_factor(step: int, steps: int, warmup: int, cooldown: int) -> float:
+    """Warm-up / constant / linear cool-down to 0 over the last ``cooldown`` of ``steps`` (a WSD schedule)."""
+    f = min(1.0, (step + 1) / max(1, warmup))
+    if cooldown > 0:
+        f = min(f, max(0.0, (steps - step) / cooldown))
+    return f
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -166,7 +179,7 @@ def _model_with(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ShapesFl
 def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, *,
              model_config: dict[str, Any] | None = None, ckpt_dir: str | os.PathLike | None = None,
              ckpt_every: int = 1000, ema_decay: float = 0.999, p_uncond: float = 0.1, t_dist: str = "logit-normal",
-             warmup: int = 300, weight_decay: float = 0.01, grad_clip: float = 1.0, resume: bool = False,
+             warmup: int = 300, cooldown: int = 0, ship: str = "auto", weight_decay: float = 0.01, grad_clip: float = 1.0, resume: bool = False,
              max_minutes: float | None = None, threads: int | None = 2, eval_samples_per_prompt: int = 2,
              eval_guidance: Sequence[float] = (1.0,), grid: bool = True, log_every: int = 100,
              progress: bool = True) -> dict[str, Any]:
@@ -232,7 +245,7 @@ def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 6
         v = net(xt, t, ehs, pooled)
         loss = torch.nn.functional.mse_loss(v, eps - x0)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            g["lr"] = lr * lr_factor(step, steps, warmup, cooldown)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -255,11 +268,16 @@ def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 6
     bar.close()
     save_ckpt()
     wall = prior_wall + time.time() - t_start
-    final = _model_with(ema, model.config)
-    final.save_pretrained(out_dir, extra={
+    if ship == "auto":
+        ship = "raw" if cooldown > 0 else "ema"
+    if ship not in ("raw", "ema"):
+        raise ValueError(f"ship must be auto, raw or ema, got {ship!r}")
+    final = _model_with(ema if ship == "ema" else net.state_dict(), model.config)
+    final.save_pretrained(out_dir, extra={"weights": ship, 
         "step": step, "train": {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "t_dist": t_dist,
-                                "ema_decay": ema_decay, "p_uncond": p_uncond, "wall_s": round(wall, 1)}})
-    log.info("saved %s after %d steps, %.1f min", out_dir, step, wall / 60)
+                                "ema_decay": ema_decay, "warmup": warmup, "cooldown": cooldown, "p_uncond": p_uncond, "wall_s": round(wall, 1)}})
+    log.info("saved %s (%s weights) after %d steps, %.1f min", out_dir, ship, step, wall / 60)
+    final = ShapesFlowModel.from_pretrained(out_dir)   # evaluate exactly what was written (fp16)
     result: dict[str, Any] = {"steps": step, "wall_s": wall, "params": n_params, "eval": {}}
     for g in eval_guidance:
         res = evaluate(final, samples_per_prompt=eval_samples_per_prompt, guidance_scale=g, seed=seed,
@@ -280,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ckpt-dir", help="checkpoints (default <out>-ckpt next to --out)")
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--cooldown", type=int, default=0, help="linear lr decay to 0 over the last N steps")
+    p.add_argument("--ship", default="auto", choices=["auto", "raw", "ema"],
+                   help="weights written to --out: auto = raw when --cooldown > 0 (annealed to lr 0), else EMA")
     p.add_argument("--t-dist", default="logit-normal", choices=["logit-normal", "uniform"])
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time")
     p.add_argument("--threads", type=int, default=2)
@@ -301,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_eval(res), flush=True)
         return 0
     pretrain(a.out, a.steps, a.batch_size, a.lr, a.seed, model_config=json.loads(a.config) if a.config else None,
-             ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every, ema_decay=a.ema_decay, t_dist=a.t_dist,
+             ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every, ema_decay=a.ema_decay,
+             warmup=a.warmup, cooldown=a.cooldown, ship=a.ship, t_dist=a.t_dist,
              max_minutes=a.max_minutes, threads=a.threads, resume=a.resume, eval_samples_per_prompt=a.eval_samples,
              eval_guidance=a.eval_guidance, progress=not a.quiet)
     return 0
