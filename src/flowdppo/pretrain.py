@@ -151,7 +151,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Pa
 
 
 def format_eval(res: dict[str, Any]) -> str:
-    lines = [f"held-out strict accuracy ({res['n']} samples, {res['num_steps']} Euler steps, cfg {res['guidance_scale']}):"]
+    lines = [f"strict accuracy ({res['n']} samples, {res['num_steps']} Euler steps, cfg {res['guidance_scale']}):"]
     for c, a in res["per_category"].items():
         lines.append(f"  {c:15s} {a:6.1%}")
     lines.append(f"  {'overall':15s} {res['overall']:6.1%}   (macro {res['macro']:.1%}, soft {res['overall_soft']:.1%})")
@@ -311,15 +311,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0])
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out")
     p.add_argument("--grid", help="with --eval-only: write a sample grid PNG here")
+    p.add_argument("--split", default="eval", choices=["eval", "train", "ood"],
+                   help="with --eval-only: which prompt_sets(seed=0) list to score")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.eval_only:
         if a.threads:
             torch.set_num_threads(a.threads)
+        from .worlds import shapes
+
         model = ShapesFlowModel.from_pretrained(a.out)
         for g in a.eval_guidance:
-            res = evaluate(model, samples_per_prompt=a.eval_samples, guidance_scale=g, seed=a.seed, grid_path=a.grid)
+            grid = a.grid
+            if grid and len(a.eval_guidance) > 1:
+                grid = str(Path(grid).with_name(f"{Path(grid).stem}_cfg{g:g}{Path(grid).suffix}"))
+            prompts = None if a.split == "eval" else shapes.prompt_sets(seed=0)[a.split]
+            res = evaluate(model, prompts, samples_per_prompt=a.eval_samples, guidance_scale=g, seed=a.seed,
+                           grid_path=grid)
+            print(f"[{a.split} prompts]")
             print(format_eval(res), flush=True)
         return 0
     pretrain(a.out, a.steps, a.batch_size, a.lr, a.seed, model_config=json.loads(a.config) if a.config else None,

@@ -46,11 +46,6 @@ class Trajectories:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def to(self, device: torch.device | str) -> "Trajectories":
-        return Trajectories(self.prompts, self.group_ids.to(device), self.cond.to(device), self.sigmas,
-                            self.sde_steps, self.latents.to(device), self.next_latents.to(device),
-                            self.log_probs.to(device), self.means.to(device), self.final.to(device), self.extras)
-
 
 def _sigma_batch(value: torch.Tensor, b: int, device: torch.device) -> torch.Tensor:
     return value.to(device=device, dtype=torch.float32).expand(b)

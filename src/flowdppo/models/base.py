@@ -153,3 +153,41 @@ def peft_adapter_disabled(module: nn.Module) -> Iterator[None]:
     finally:
         for m, was_disabled in zip(layers, previous):
             m.enable_adapters(not was_disabled)
+
+
+class ReferencePolicyMixin:
+    """``disable_adapter`` shared by the adapters: the reference (pretrained) policy is the same network
+    with its peft LoRA disabled when ``lora_config`` is set, else a frozen copy (``_reference``) kept for
+    full fine-tuning. Subclasses set ``lora_config``, ``_reference``, ``_use_reference`` and name the
+    module holding the LoRA layers in :meth:`_lora_root`; their forward uses :meth:`_active` to pick
+    the trained network or the reference copy.
+    """
+
+    lora_config: dict | None
+    _reference: nn.Module | None
+    _use_reference: bool
+
+    def _lora_root(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _trained_net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """Context in which ``velocity`` is the pretrained model (LoRA off, or the frozen reference copy)."""
+        if self.lora_config is not None:
+            return peft_adapter_disabled(self._lora_root())
+        if self._reference is not None:
+            return self._reference_ctx()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _reference_ctx(self) -> Iterator[None]:
+        prev, self._use_reference = self._use_reference, True
+        try:
+            yield
+        finally:
+            self._use_reference = prev
+
+    def _net(self) -> nn.Module:
+        return self._reference if (self._use_reference and self._reference is not None) else self._trained_net()

@@ -38,13 +38,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .. import sde
-from .base import Cond, peft_adapter_disabled
+from .base import Cond, ReferencePolicyMixin
 
 log = logging.getLogger("flowdppo")
 
@@ -97,7 +97,7 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         module.to(device)
 
 
-class DiffusersFlowModel:
+class DiffusersFlowModel(ReferencePolicyMixin):
     """A diffusers text-to-image flow model behind :class:`flowdppo.models.base.FlowModel`.
 
     ``module`` is the transformer (the only network that trains); text encoders and VAE are frozen
@@ -207,24 +207,12 @@ class DiffusersFlowModel:
         self._reference = copy.deepcopy(self.transformer).eval().requires_grad_(False)
         self.transformer.requires_grad_(True)
 
-    def disable_adapter(self) -> contextlib.AbstractContextManager:
-        """Context in which :meth:`velocity` is the pretrained model."""
-        if self.lora_config is not None:
-            return peft_adapter_disabled(self.transformer)
-        if self._reference is not None:
-            return self._reference_ctx()
-        return contextlib.nullcontext()
+    def _lora_root(self) -> nn.Module:
+        return self.transformer
 
-    @contextlib.contextmanager
-    def _reference_ctx(self) -> Iterator[None]:
-        prev, self._use_reference = self._use_reference, True
-        try:
-            yield
-        finally:
-            self._use_reference = prev
+    def _trained_net(self) -> nn.Module:
+        return self.transformer
 
-    def _net(self) -> nn.Module:
-        return self._reference if (self._use_reference and self._reference is not None) else self.transformer
 
     def _compute_ctx(self) -> contextlib.AbstractContextManager:
         if self._autocast:

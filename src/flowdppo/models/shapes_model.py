@@ -24,18 +24,17 @@ Build it with :meth:`ShapesFlowModel.from_pretrained` (the shipped weights, no d
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .base import Cond, peft_adapter_disabled
+from .base import Cond, ReferencePolicyMixin
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"
 CONFIG_NAME = "config.json"
@@ -148,7 +147,7 @@ def _resolve_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class ShapesFlowModel:
+class ShapesFlowModel(ReferencePolicyMixin):
     """The embedded shapes model behind the :class:`~flowdppo.models.base.FlowModel` protocol."""
 
     COND_KEYS = ("encoder_hidden_states", "pooled_projections")
@@ -240,21 +239,11 @@ class ShapesFlowModel:
         for p in self.module.transformer.parameters():
             p.requires_grad_(True)
 
-    def disable_adapter(self) -> contextlib.AbstractContextManager:
-        """Context in which :meth:`velocity` is the pretrained model (LoRA off, or the frozen reference copy)."""
-        if self.lora_config is not None:
-            return peft_adapter_disabled(self.module)
-        if self._reference is not None:
-            return self._reference_ctx()
-        return contextlib.nullcontext()
+    def _lora_root(self) -> nn.Module:
+        return self.module
 
-    @contextlib.contextmanager
-    def _reference_ctx(self) -> Iterator[None]:
-        prev, self._use_reference = self._use_reference, True
-        try:
-            yield
-        finally:
-            self._use_reference = prev
+    def _trained_net(self) -> nn.Module:
+        return self.module
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights when an adapter is present, else every parameter that requires grad."""
@@ -326,8 +315,6 @@ class ShapesFlowModel:
                 t["uncond_pooled_projections"] = u_pooled.expand(len(prompts), -1).clone()
         return Cond(t)
 
-    def _net(self) -> nn.Module:
-        return self._reference if (self._use_reference and self._reference is not None) else self.module
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
         """float32 ``[B, C, H, W]``; CFG ``v_u + g (v_c - v_u)`` in one batched call when ``g > 1``."""
