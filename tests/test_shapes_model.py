@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flowdppo.models.base import Cond, FlowModel
+from flowdppo.models.base import FlowModel
 from flowdppo.models.shapes_model import ASSET_DIR, ShapesFlowModel, tokenize
 
 VOCAB = ["a", "an", "one", "two", "three", "red", "blue", "green", "circle", "circles", "square", "triangle",

@@ -112,3 +112,10 @@ def test_cli_rejects_a_bad_value(tmp_path):
                         "--set", f"log.run_dir={tmp_path}"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "algorithm.loss" in r.stderr and "flow-dppo" in r.stderr
+
+
+def test_uniform_shift_schedule_uses_the_configured_shift(tmp_path):
+    from flowdppo.sde import uniform_shift_sigmas
+    tr = make(tmp_path, ["sampling.schedule=uniform-shift", "sampling.shift=3.0"])
+    assert torch.allclose(tr.sigmas, uniform_shift_sigmas(6, 3.0))
+    assert tr.kernel.sigma_max == pytest.approx(float(uniform_shift_sigmas(6, 3.0)[1]))

@@ -44,7 +44,7 @@ class ModelConfig:
 class SamplingConfig:
     num_steps: int = 10
     schedule: Literal["diffusers", "uniform-shift", "model"] = "model"   # "model": the family's default
-    shift: float = 3.0                      # uniform-shift only
+    shift: float = 3.0                      # schedule=uniform-shift only (the trainer builds it; "model" = the family's own)
     sampler: Literal["flow-sde", "cps", "dance", "ode"] = "flow-sde"
     eta: float = 0.7
     guidance_scale: float = 1.0

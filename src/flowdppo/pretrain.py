@@ -141,7 +141,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Pa
         pass
     from PIL import Image
 
-    r, (c, h, w) = len(labels), images.shape[1:]
+    r, (h, w) = len(labels), images.shape[2:]
     grid = torch.ones(3, r * (h + 2), n_cols * (w + 2))
     for i in range(r):
         for j in range(n_cols):

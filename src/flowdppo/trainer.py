@@ -43,7 +43,7 @@ from .models import FlowModel, build_model
 from .models.base import Cond
 from .rewards import build_reward
 from .rollout import Trajectories, ode_sample, replay_step, rollout
-from .sde import Kernel
+from .sde import Kernel, uniform_shift_sigmas
 from .steps import StepSelection
 
 log = logging.getLogger("flowdppo")
@@ -121,7 +121,10 @@ class Trainer:
         self.train_prompts, self.eval_sets = self._prompt_sources(prompts, eval_sets)
         s = cfg.sampling
         schedule = s.schedule
-        self.sigmas = self.model.sigmas(s.num_steps, schedule).float().cpu()
+        if schedule == "uniform-shift":  # the SD3 static shift with the configured shift, whatever the model
+            self.sigmas = uniform_shift_sigmas(s.num_steps, s.shift)
+        else:
+            self.sigmas = self.model.sigmas(s.num_steps, schedule).float().cpu()
         if self.sigmas.shape != (s.num_steps + 1,):
             raise ValueError(f"model.sigmas returned shape {tuple(self.sigmas.shape)}, expected ({s.num_steps + 1},)")
         self.kernel = Kernel.for_schedule(self.sigmas, sampler=s.sampler, eta=s.eta,
