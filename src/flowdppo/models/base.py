@@ -155,8 +155,9 @@ def peft_adapter_disabled(module: nn.Module) -> Iterator[None]:
             m.enable_adapters(not was_disabled)
 
 
-class ReferencePolicyMixin:
-    """``disable_adapter`` shared by the adapters: the reference (pretrained) policy is the same network
+class AdapterMixin:
+    """What the adapters share: the trained weights (named by :meth:`_trainable_named`) and
+    ``disable_adapter``. The reference (pretrained) policy is the same network
     with its peft LoRA disabled when ``lora_config`` is set, else a frozen copy (``_reference``) kept for
     full fine-tuning. Subclasses set ``lora_config``, ``_reference``, ``_use_reference`` and name the
     module holding the LoRA layers in :meth:`_lora_root`; their forward uses :meth:`_active` to pick
@@ -169,6 +170,25 @@ class ReferencePolicyMixin:
 
     def _lora_root(self) -> nn.Module:
         raise NotImplementedError
+
+    def _trainable_named(self) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self._trainable_named().values())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the trainable weights (names relative to the trained module)."""
+        return {n: p.detach().clone() for n, p in self._trainable_named().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = self._trainable_named()
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise KeyError(f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
 
     def _trained_net(self) -> nn.Module:
         raise NotImplementedError

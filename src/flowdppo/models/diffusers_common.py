@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .. import sde
-from .base import Cond, ReferencePolicyMixin
+from .base import Cond, AdapterMixin
 
 log = logging.getLogger("flowdppo")
 
@@ -97,7 +97,7 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         module.to(device)
 
 
-class DiffusersFlowModel(ReferencePolicyMixin):
+class DiffusersFlowModel(AdapterMixin):
     """A diffusers text-to-image flow model behind :class:`flowdppo.models.base.FlowModel`.
 
     ``module`` is the transformer (the only network that trains); text encoders and VAE are frozen
@@ -228,22 +228,6 @@ class DiffusersFlowModel(ReferencePolicyMixin):
         if self.lora_config is not None:
             return {n: p for n, p in self.transformer.named_parameters() if "lora_" in n}
         return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self._trainable_named().values())
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the trainable weights (names relative to the transformer)."""
-        return {n: p.detach().clone() for n, p in self._trainable_named().items()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self._trainable_named()
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise KeyError(f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
 
     def lora_export_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(state, adapter_config)`` in diffusers' transformer LoRA layout, ``alpha / r`` folded into ``lora_B``."""

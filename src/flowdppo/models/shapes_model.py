@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Cond, ReferencePolicyMixin
+from .base import Cond, AdapterMixin
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"
 CONFIG_NAME = "config.json"
@@ -147,7 +147,7 @@ def _resolve_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class ShapesFlowModel(ReferencePolicyMixin):
+class ShapesFlowModel(AdapterMixin):
     """The embedded shapes model behind the :class:`~flowdppo.models.base.FlowModel` protocol."""
 
     COND_KEYS = ("encoder_hidden_states", "pooled_projections")
@@ -245,29 +245,10 @@ class ShapesFlowModel(ReferencePolicyMixin):
     def _trained_net(self) -> nn.Module:
         return self.module
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA weights when an adapter is present, else every parameter that requires grad."""
-        if self.lora_config is not None:
-            return [p for n, p in self.module.named_parameters() if "lora_" in n]
-        return [p for p in self.module.parameters() if p.requires_grad]
-
     def _trainable_named(self) -> dict[str, nn.Parameter]:
         if self.lora_config is not None:
             return {n: p for n, p in self.module.named_parameters() if "lora_" in n}
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the trainable weights (names relative to :attr:`module`)."""
-        return {n: p.detach().clone() for n, p in self._trainable_named().items()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self._trainable_named()
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise KeyError(f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
 
     def save_adapter(self, directory: str | os.PathLike) -> None:
         """``adapter_model.safetensors`` (the trainable weights) + ``adapter_config.json``."""
