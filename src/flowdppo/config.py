@@ -328,3 +328,14 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: l
     data = _deep_merge(data, set_data)
     data["preset"] = preset
     return from_dict(data)
+
+
+def load_run_config(run_dir: str, overrides: list[str] | None = None) -> Config:
+    """A run's resolved ``config.yaml`` with ``--set`` overrides (for ``--resume``), validated."""
+    import os
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} is not a flowdppo run directory (no config.yaml)")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(_deep_merge(data, parse_set(overrides or [])))

@@ -48,6 +48,15 @@ def _plot(ax, xs, ys, label):
         ax.plot(xs, ys, label=label)
 
 
+def _save(fig, run_dir: Path, name: str, title: str, figs: list[tuple[str, str]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(run_dir / name, dpi=90)
+    plt.close(fig)
+    figs.append((title, name))
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``plots.png``-style figures and ``report.md`` into ``run_dir``; returns the report path."""
     import matplotlib
@@ -74,10 +83,7 @@ def write_report(run_dir: str | Path) -> Path:
     ax[1].set_xlabel("iterations trained")
     if eval_keys:
         ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "plot_reward.png", dpi=90)
-    plt.close(fig)
-    figs.append(("Reward and evaluation", "plot_reward.png"))
+    _save(fig, run_dir, "plot_reward.png", "Reward and evaluation", figs)
 
     # KL to reference, trust-region activity
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -95,10 +101,7 @@ def write_report(run_dir: str | Path) -> Path:
     ax[1].set_title("trust region activity")
     ax[1].set_xlabel("iteration")
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "plot_trust_region.png", dpi=90)
-    plt.close(fig)
-    figs.append(("KL and trust region", "plot_trust_region.png"))
+    _save(fig, run_dir, "plot_trust_region.png", "KL and trust region", figs)
 
     # accuracy against KL to reference
     kl_by_it = {m["iteration"]: m.get("kl_ref") for m in metrics}
@@ -111,10 +114,7 @@ def write_report(run_dir: str | Path) -> Path:
             ax.set_xlabel("KL to reference (at the anchor of that iteration)")
             ax.set_ylabel(acc_key[5:])
             ax.set_title("reward per unit of KL")
-            fig.tight_layout()
-            fig.savefig(run_dir / "plot_acc_vs_kl.png", dpi=90)
-            plt.close(fig)
-            figs.append(("Accuracy against KL to the reference", "plot_acc_vs_kl.png"))
+            _save(fig, run_dir, "plot_acc_vs_kl.png", "Accuracy against KL to the reference", figs)
 
     # ratio noise (SPEC section 9) measured live: std[log r] against sqrt(2 KL), and PPO-0.2 clip fractions
     noise = [m for m in metrics if any(k.startswith("ratio_noise/") for k in m)]
@@ -123,12 +123,12 @@ def write_report(run_dir: str | Path) -> Path:
         steps = sorted({int(k.split("/")[1][4:]) for m in noise for k in m if k.startswith("ratio_noise/")})
         for st in steps:
             pre = f"ratio_noise/step{st}/"
-            xs = [m["iteration"] for m in noise if pre + "log_r_std" in m]
-            meas = [m[pre + "log_r_std"] for m in noise if pre + "log_r_std" in m]
-            pred = [m[pre + "log_r_std_pred"] for m in noise if pre + "log_r_std" in m]
-            line, = ax[0].plot(xs, meas, "o-", label=f"step {st} measured")
-            ax[0].plot(xs, pred, "--", color=line.get_color(), label=f"step {st} sqrt(2 KL)")
-            ax[1].plot(xs, [m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"] for m in noise if pre + "log_r_std" in m],
+            rows = [m for m in noise if pre + "log_r_std" in m]
+            xs = [m["iteration"] for m in rows]
+            line, = ax[0].plot(xs, [m[pre + "log_r_std"] for m in rows], "o-", label=f"step {st} measured")
+            ax[0].plot(xs, [m[pre + "log_r_std_pred"] for m in rows], "--", color=line.get_color(),
+                       label=f"step {st} sqrt(2 KL)")
+            ax[1].plot(xs, [m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"] for m in rows],
                        "o-", color=line.get_color(), label=f"step {st}")
         ax[0].set_title("std of the exact log-ratio after the update")
         ax[0].set_xlabel("iteration")
@@ -136,10 +136,7 @@ def write_report(run_dir: str | Path) -> Path:
         ax[1].set_title("fraction a PPO clip of 0.2 would cut (exact ratio)")
         ax[1].set_xlabel("iteration")
         ax[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(run_dir / "plot_ratio_noise.png", dpi=90)
-        plt.close(fig)
-        figs.append(("Ratio noise (measured on the live run)", "plot_ratio_noise.png"))
+        _save(fig, run_dir, "plot_ratio_noise.png", "Ratio noise (measured on the live run)", figs)
 
     lines = [f"# flowdppo run `{run_dir.name}`", ""]
     cfg_path = run_dir / "config.yaml"

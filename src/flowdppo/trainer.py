@@ -610,14 +610,8 @@ def _read_lines(path: str) -> list[str]:
 
 def resume(run_dir: str | os.PathLike, overrides: list[str] | None = None, **kwargs: Any) -> Trainer:
     """A trainer for ``run_dir`` restored from its latest checkpoint (config from ``run_dir/config.yaml``)."""
-    import yaml
-
-    from .config import _deep_merge, from_dict, parse_set
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a flowdppo run directory (no config.yaml)")
-    data = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg = from_dict(_deep_merge(data, parse_set(overrides or [])))
+    from .config import load_run_config
+    cfg = load_run_config(str(run_dir), overrides)
     trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
     trainer.load_checkpoint()
     return trainer
