@@ -115,6 +115,20 @@ def test_detections_match_scene(gt):
             assert abs(d.cx - o.cx) < 0.5 and abs(d.cy - o.cy) < 0.5 and abs(d.size - o.size) < 0.5
 
 
+
+def test_drawing_quality_is_high_on_clean_scenes_and_drops_with_degradation(gt):
+    prompts, _, images = gt
+    clean = [S.score(p, im) for p, im in zip(prompts[:60], images[:60])]
+    assert min(s.quality for s in clean) > 0.85
+    assert all(0.0 <= d.iou <= 1.0 for s in clean for d in s.detections)
+    # a blurrier drawing fits its template worse; an empty image has quality 0
+    rough = [S.score(p, im) for p, im in zip(prompts[:60], blur(images[:60], 1.5))]
+    assert np.mean([s.quality for s in rough]) < np.mean([s.quality for s in clean]) - 0.05
+    assert S.score("a circle", blank()).quality == 0.0
+    merged = S.score("a circle", S.render(Scene((O("circle", "red", 14.5, 16.0, 5.0), O("circle", "red", 17.5, 16.0, 5.0)))))
+    assert merged.quality < min(s.quality for s in clean)
+
+
 # ------------------------------------------------------------------------------------------ ambiguity and wrong scenes
 
 

@@ -119,3 +119,45 @@ def test_uniform_shift_schedule_uses_the_configured_shift(tmp_path):
     tr = make(tmp_path, ["sampling.schedule=uniform-shift", "sampling.shift=3.0"])
     assert torch.allclose(tr.sigmas, uniform_shift_sigmas(6, 3.0))
     assert tr.kernel.sigma_max == pytest.approx(float(uniform_shift_sigmas(6, 3.0)[1]))
+
+
+def test_eval_samples_per_prompt_draws_k_fixed_noise_samples_of_each_prompt(tmp_path):
+    # k samples of [a, b] are the rows [a, a, b, b] with the same fixed evaluation noise
+    cfg = load_config(overrides=BASE + ["eval.samples_per_prompt=2"])
+    rep = Trainer(cfg, model=ToyModel(0), reward_fn=brightness_reward, prompts=PROMPTS,
+                  eval_sets={"eval": PROMPTS[:2]}, run_dir=tmp_path / "k2").evaluate()
+    cfg1 = load_config(overrides=BASE + ["eval.samples_per_prompt=1"])
+    flat = Trainer(cfg1, model=ToyModel(0), reward_fn=brightness_reward, prompts=PROMPTS,
+                   eval_sets={"eval": [p for p in PROMPTS[:2] for _ in range(2)]}, run_dir=tmp_path / "k1").evaluate()
+    one = Trainer(cfg1, model=ToyModel(0), reward_fn=brightness_reward, prompts=PROMPTS,
+                  eval_sets={"eval": PROMPTS[:2]}, run_dir=tmp_path / "one").evaluate()
+    assert rep["eval/eval/bright"] == pytest.approx(flat["eval/eval/bright"], abs=1e-6)
+    assert rep["eval/eval/bright"] != pytest.approx(one["eval/eval/bright"], abs=1e-6)
+    with pytest.raises(ConfigError, match="eval.samples_per_prompt"):
+        load_config(overrides=["eval.samples_per_prompt=0"])
+
+
+def test_same_initial_noise_shares_x1_within_a_group_and_only_there():
+    from flowdppo.rollout import rollout
+    from flowdppo.sde import Kernel, uniform_shift_sigmas
+    model, sig = ToyModel(0), uniform_shift_sigmas(6, 1.0)
+    kernel = Kernel.for_schedule(sig, sampler="flow-sde", eta=0.7)
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    gids = torch.arange(3).repeat_interleave(4)
+    cond = model.encode_prompts(prompts)
+
+    def run(same, part=None):
+        return rollout(model, kernel, prompts, gids, cond, sig, [0, 2], 1.0, torch.Generator().manual_seed(7),
+                       batch_size=5, part=part, same_initial_noise=same)
+
+    shared, indep = run(True), run(False)
+    x1 = shared.latents[:, 0]  # step 0 is an SDE step: its stored latent is the initial noise
+    for g in range(3):
+        rows = x1[gids == g]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
+        # the group keeps its first sample's draw; the SDE noise of the trained steps still differs
+        assert torch.equal(rows[0], indep.latents[4 * g, 0])
+        assert not torch.allclose(shared.next_latents[4 * g, 0], shared.next_latents[4 * g + 1, 0])
+    assert not torch.allclose(x1[0], x1[4])
+    # a process rolling out a slice that starts mid-group gets the same shared noise
+    assert torch.equal(run(True, slice(6, 12)).latents[:, 0], x1[6:12])

@@ -48,6 +48,7 @@ class SamplingConfig:
     sampler: Literal["flow-sde", "cps", "dance", "ode"] = "flow-sde"
     eta: float = 0.7
     guidance_scale: float = 1.0
+    same_initial_noise: bool = False        # a group shares its initial noise (DanceGRPO / MixGRPO init_same_noise)
     logprob_reduction: Literal["mean", "sum"] = "mean"
     cps_logprob: Literal["gaussian", "unnormalized"] = "gaussian"
     replay_tolerance: float = 1e-3          # warn when |replay log-prob - rollout log-prob| exceeds this
@@ -111,6 +112,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = 20                         # iterations; 0 = only before and after training
     num_prompts: int = 96                   # per set
+    samples_per_prompt: int = 4             # fixed-noise samples of each evaluation prompt
     sets: list[str] = field(default_factory=lambda: ["eval", "ood"])
     grid_prompts: int = 8                   # image grids before/after
     prompts_file: str | None = None         # real models: evaluation prompts (scored by the training reward)
@@ -264,7 +266,8 @@ def validate(cfg: Config) -> Config:
     positive = {"train.iterations": t.iterations, "train.prompts_per_iter": t.prompts_per_iter,
                 "train.group_size": t.group_size, "train.inner_epochs": t.inner_epochs,
                 "train.minibatch_size": t.minibatch_size, "train.micro_batch_size": t.micro_batch_size,
-                "train.rollout_batch_size": t.rollout_batch_size, "sampling.num_steps": s.num_steps}
+                "train.rollout_batch_size": t.rollout_batch_size, "sampling.num_steps": s.num_steps,
+                "eval.samples_per_prompt": cfg.eval.samples_per_prompt}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be >= 1, got {v}")

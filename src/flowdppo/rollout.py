@@ -96,13 +96,17 @@ def sample(model: FlowModel, kernel: Kernel, cond: Cond, sigmas: torch.Tensor, s
 def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids: torch.Tensor, cond: Cond,
             sigmas: torch.Tensor, sde_steps: Sequence[int], guidance_scale: float, generator: torch.Generator,
             batch_size: int, store_device: torch.device | str | None = None, progress=None,
-            part: slice | None = None) -> Trajectories:
+            part: slice | None = None, same_initial_noise: bool = False) -> Trajectories:
     """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
     from ``generator`` (CPU) so a run is reproducible whatever the device.
 
     ``part`` (a slice of the batch) samples only those trajectories and returns them alone: the noise of
     the whole batch is drawn in the same chunk order and sliced, so a sample gets the same noise whichever
     process rolls it out (:mod:`flowdppo.distributed`).
+
+    ``same_initial_noise`` gives every sample of a group the initial noise of the group's first sample
+    (DanceGRPO's ``init_same_noise``): the group then differs only by the SDE noise of the trained steps,
+    so the group-relative advantage credits those steps alone. The random stream drawn is the same.
     """
     b = len(prompts)
     c, h, w = model.latent_shape
@@ -112,7 +116,11 @@ def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids:
         m = min(batch_size, b - start)
         noise.append(torch.randn((m, c, h, w), generator=generator))
         step_noise.append(torch.randn((m, len(sde_steps), c, h, w), generator=generator))
-    noise, step_noise = torch.cat(noise)[part], torch.cat(step_noise)[part]
+    noise, step_noise = torch.cat(noise), torch.cat(step_noise)
+    if same_initial_noise:
+        first: dict[int, int] = {}
+        noise = noise[[first.setdefault(int(g), i) for i, g in enumerate(group_ids.tolist())]]
+    noise, step_noise = noise[part], step_noise[part]
     prompts, group_ids, cond = list(prompts)[part], group_ids[part], cond.index(part)
     chunks: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(prompts), batch_size):

@@ -212,7 +212,7 @@ class Trainer:
         part = self.dist.share(len(prompts))
         traj = rollout(self.model, self.kernel, prompts, group_ids, cond, self.sigmas, sde_steps,
                        cfg.sampling.guidance_scale, _gen(t.seed, it, 1), t.rollout_batch_size, store_device=store,
-                       part=part)
+                       part=part, same_initial_noise=cfg.sampling.same_initial_noise)
         with torch.no_grad():
             images = self.model.decode(traj.final.to(self.model.device)).float().cpu()
         traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
@@ -399,9 +399,11 @@ class Trainer:
         self.model.module.eval()
         out: dict[str, Any] = {}
         c, h, w = self.model.latent_shape
-        for name, prompts in self.eval_sets.items():
-            if not prompts:
+        n_rep = cfg.eval.samples_per_prompt
+        for name, unique in self.eval_sets.items():
+            if not unique:
                 continue
+            prompts = [p for p in unique for _ in range(n_rep)]
             gen = torch.Generator().manual_seed(cfg.eval.seed)
             bs = cfg.train.rollout_batch_size
             noise = torch.cat([torch.randn((min(bs, len(prompts) - start), c, h, w), generator=gen)

@@ -18,14 +18,16 @@ class RewardFn(Protocol):
 
 def shapes_reward() -> RewardFn:
     """The embedded world's exact, rule-based reward: ``strict`` (every atom holds) and ``soft``
-    (fraction of atoms that hold), GenEval-style."""
+    (fraction of atoms that hold), GenEval-style, and ``quality`` (the mean best-template IoU of the
+    detected blobs: how cleanly shapes are drawn, a graded signal that needs no prompt)."""
     from ..worlds import shapes
 
     def fn(prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         parsed = [shapes.parse_prompt(p) for p in prompts]
         scores = shapes.score_batch(parsed, images.detach().float().cpu())
         return {"strict": torch.tensor([s.strict for s in scores], dtype=torch.float32),
-                "soft": torch.tensor([s.soft for s in scores], dtype=torch.float32)}
+                "soft": torch.tensor([s.soft for s in scores], dtype=torch.float32),
+                "quality": torch.tensor([s.quality for s in scores], dtype=torch.float32)}
 
     return fn
 

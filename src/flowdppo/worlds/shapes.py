@@ -92,7 +92,8 @@ class Prompt:
 @dataclass
 class Detection:
     """One connected component: ``shape``/``color`` ``None`` = unrecognised; ``cx, cy, size`` of the
-    matched template (bounding-box centre and half-extent), ``area`` in pixels."""
+    matched template (bounding-box centre and half-extent), ``area`` in pixels; ``iou`` = the soft IoU of
+    the best-fitting shape template (a graded measure of how cleanly the blob is drawn)."""
 
     shape: str | None
     color: str | None
@@ -100,6 +101,7 @@ class Detection:
     cy: float
     size: float
     area: int
+    iou: float = 0.0
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Score:
     atoms: dict[str, bool]
     category: str
     detections: list[Detection] = field(default_factory=list)
+    quality: float = 0.0
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -205,8 +208,9 @@ def _moments(a: np.ndarray) -> tuple[float, float]:
     return math.log(max(vy, 1e-9) / max(vx, 1e-9)), cxy / max(math.sqrt(vx * vy), 1e-9)
 
 
-def _classify_shape(amap: np.ndarray, y0: int, x0: int) -> tuple[str | None, float, float, float]:
-    """Soft coverage ``amap [h, w]`` of one blob in the window at ``(y0, x0)`` -> (shape or None, cx, cy, size).
+def _classify_shape(amap: np.ndarray, y0: int, x0: int) -> tuple[str | None, float, float, float, float]:
+    """Soft coverage ``amap [h, w]`` of one blob in the window at ``(y0, x0)`` -> (shape or None, cx, cy, size,
+    best template IoU).
 
     Each shape's template has the blob's mass (area) and centroid, is blurred by the best of ``BLURS``,
     and is compared with the blob by soft IoU (values below ``HALO_MIN`` dropped on both sides). The best
@@ -237,7 +241,7 @@ def _classify_shape(amap: np.ndarray, y0: int, x0: int) -> tuple[str | None, flo
     ok = (ious[i] >= IOU_MIN and ious[i] - ious[j] >= IOU_MARGIN and SIZE_RANGE[0] <= params[i][2] <= SIZE_RANGE[1]
           and abs(ab - at) <= MOMENT_TOL[0] and abs(cb - ct) <= MOMENT_TOL[1])
     cx, cy, s = params[i]
-    return (SHAPES[i] if ok else None), float(cx), float(cy), float(s)
+    return (SHAPES[i] if ok else None), float(cx), float(cy), float(s), float(ious[i])
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
@@ -280,8 +284,8 @@ def _detect_many(images: np.ndarray) -> list[list[Detection]]:
             # normalised by the blob's typical intensity, so faded or over-saturated colours keep their shape
             peak = min(max(float(np.quantile(al[..., k][own], 0.75)), 0.5), 1.0)
             amap = np.clip(np.where(own | edge, al[..., k] / peak, 0.0), -0.5, 1.5) if counts[k] else own.astype(float)
-            shape, cx, cy, s = _classify_shape(amap, y0, x0)
-            dets.append(Detection(shape, color, cx, cy, s, int(area)))
+            shape, cx, cy, s, iou = _classify_shape(amap, y0, x0)
+            dets.append(Detection(shape, color, cx, cy, s, int(area), iou))
         out.append(dets)
     return out
 
@@ -334,9 +338,16 @@ def score(prompt: Prompt | str, image: np.ndarray) -> Score:
     return _score(prompt if isinstance(prompt, Prompt) else parse_prompt(prompt), detect(image))
 
 
+def drawing_quality(dets: Sequence[Detection]) -> float:
+    """Mean best-template IoU of the detected blobs (0 for an empty image): how cleanly the shapes are
+    drawn, whatever the prompt. A graded signal under the all-or-nothing shape test."""
+    return float(np.mean([d.iou for d in dets])) if dets else 0.0
+
+
 def _score(p: Prompt, dets: list[Detection]) -> Score:
     atoms = _atoms(p, dets)
-    return Score(float(all(atoms.values())), sum(atoms.values()) / len(atoms), atoms, p.category, dets)
+    return Score(float(all(atoms.values())), sum(atoms.values()) / len(atoms), atoms, p.category, dets,
+                 drawing_quality(dets))
 
 
 def score_batch(prompts: Sequence[Prompt | str], images: np.ndarray | torch.Tensor) -> list[Score]:
