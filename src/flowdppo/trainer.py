@@ -193,13 +193,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def iteration_step(self, it: int) -> dict[str, Any]:
-        """Run iteration ``it`` (0-based) and return its metrics."""
+    def collect(self, it: int, prompt_iteration: int | None = None
+                ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
+        """Steps 1-2 of iteration ``it``: roll out (every draw seeded by ``(seed, it)``), score, and compute
+        advantages. ``prompt_iteration`` draws the prompts of another iteration (same prompts, new noise).
+        Returns ``(trajectories, advantages [B], reward metrics, timing)``."""
         cfg, t = self.cfg, self.cfg.train
         timing: dict[str, float] = {}
         tic = time.perf_counter()
         sde_steps = self.step_sel.select(cfg.sampling.num_steps, t.seed, it)
-        rng = np.random.default_rng(_seed_for(t.seed, it, 0))
+        rng = np.random.default_rng(_seed_for(t.seed, it if prompt_iteration is None else prompt_iteration, 0))
         chosen = [self.train_prompts[i] for i in rng.choice(len(self.train_prompts), t.prompts_per_iter,
                                                             replace=len(self.train_prompts) < t.prompts_per_iter)]
         prompts = [p for p in chosen for _ in range(t.group_size)]
@@ -223,6 +226,13 @@ class Trainer:
         rewards = {k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()}
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
+        return traj, adv, reward_metrics, timing
+
+    def iteration_step(self, it: int) -> dict[str, Any]:
+        """Run iteration ``it`` (0-based) and return its metrics."""
+        cfg, t = self.cfg, self.cfg.train
+        traj, adv, reward_metrics, timing = self.collect(it)
+        sde_steps = traj.sde_steps
 
         # 3. anchor, in the micro-batches of the first epoch
         tic = time.perf_counter()
