@@ -1,4 +1,4 @@
-"""The policy-gradient agreement check: batches agree when the reward follows the noise, not otherwise."""
+"""The policy-gradient signal check: a batch's gradient points where the reward grows; cosine agreement."""
 
 import sys
 from pathlib import Path

@@ -11,7 +11,7 @@ before a long run is spent on it::
     python -m flowdppo.gradsignal --set "reward.weights={quality: 1.0, strict: 0.0, soft: 0.0}"
 
 The gradients are taken at the current weights with the ratio at 1 (the first mini-batch of every
-loss), so the loss choice does not matter; no weight is changed.
+loss), so the loss choice does not matter; no weight is changed. One process only.
 """
 
 from __future__ import annotations

@@ -114,7 +114,11 @@ class Score:
     atoms: dict[str, bool]
     category: str
     detections: list[Detection] = field(default_factory=list)
-    quality: float = 0.0
+
+    @property
+    def quality(self) -> float:
+        """The detections' :func:`drawing_quality`."""
+        return drawing_quality(self.detections)
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -346,8 +350,7 @@ def drawing_quality(dets: Sequence[Detection]) -> float:
 
 def _score(p: Prompt, dets: list[Detection]) -> Score:
     atoms = _atoms(p, dets)
-    return Score(float(all(atoms.values())), sum(atoms.values()) / len(atoms), atoms, p.category, dets,
-                 drawing_quality(dets))
+    return Score(float(all(atoms.values())), sum(atoms.values()) / len(atoms), atoms, p.category, dets)
 
 
 def score_batch(prompts: Sequence[Prompt | str], images: np.ndarray | torch.Tensor) -> list[Score]:
