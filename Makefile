@@ -29,7 +29,7 @@ demo: setup
 	@echo "Report: runs/$(RUN)/report.md"
 
 bench: setup
-	$(PY) -m flowdppo.bench losses
+	$(PY) -m flowdppo.tools.bench losses
 
 clean:
 	rm -rf $(VENV) runs

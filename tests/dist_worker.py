@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import PROMPTS, ToyModel, brightness_reward  # noqa: E402
 
 from flowdppo.config import load_config  # noqa: E402
-from flowdppo.trainer import Trainer, resume  # noqa: E402
+from flowdppo.training.trainer import Trainer, resume  # noqa: E402
 
 # the shapes model's word vocabulary for the toy prompts (tests build it with random weights)
 TINY_SHAPES = {"num_layers": 2, "num_heads": 2, "head_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2,

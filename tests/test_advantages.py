@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flowdppo import advantages as A
+from flowdppo.core import advantages as A
 
 
 def _batch():

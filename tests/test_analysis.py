@@ -1,6 +1,6 @@
 import torch
 
-from flowdppo.analysis import format_report, ratio_noise_report
+from flowdppo.core.analysis import format_report, ratio_noise_report
 
 
 def test_ratio_noise_report_matches_theory():

@@ -1,4 +1,4 @@
-"""Two CPU processes over gloo make the update one process makes on the same batch (flowdppo.distributed).
+"""Two CPU processes over gloo make the update one process makes on the same batch (flowdppo.training.distributed).
 
 The launched script is tests/dist_worker.py; the one-process reference runs in this process.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowdppo import advantages as adv_lib
+from flowdppo.core import advantages as adv_lib
 from flowdppo.config import ConfigError, load_config
-from flowdppo.distributed import Dist
-from flowdppo.trainer import Trainer, resume
+from flowdppo.training.distributed import Dist
+from flowdppo.training.trainer import Trainer, resume
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flowdppo.config import load_config
-from flowdppo.gradsignal import batch_gradient, gradient_agreement
-from flowdppo.rollout import replay_step
-from flowdppo.trainer import Trainer
+from flowdppo.tools.gradsignal import batch_gradient, gradient_agreement
+from flowdppo.training.rollout import replay_step
+from flowdppo.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import BASE  # noqa: E402

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from flowdppo import losses
-from flowdppo.losses import LossInputs, LossSpec, policy_loss
-from flowdppo.sde import Kernel, gaussian_kl, uniform_shift_sigmas
+from flowdppo.core import losses
+from flowdppo.core.losses import LossInputs, LossSpec, policy_loss
+from flowdppo.core.sde import Kernel, gaussian_kl, uniform_shift_sigmas
 
 DELTA = 1e-5
 

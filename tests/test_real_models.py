@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_pipelines import IMAGE_SIZE, save_tiny_pipeline  # noqa: E402
 
-from flowdppo import sde  # noqa: E402
+from flowdppo.core import sde  # noqa: E402
 from flowdppo.config import ModelConfig, from_dict, load_config  # noqa: E402
 from flowdppo.models import FlowModel, build_model  # noqa: E402
-from flowdppo.rollout import ode_sample  # noqa: E402
+from flowdppo.training.rollout import ode_sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "blue dogs"]   # short: the tiny CLIP tokenizers are character-level, 16 tokens
@@ -220,7 +220,7 @@ def test_lora_export_loads_into_stock_pipeline(paths, name, tmp_path):
 
 
 def test_full_finetune_reference_and_export(paths, tmp_path):
-    from flowdppo.sample import load_pipeline_with_adapter
+    from flowdppo.tools.sample import load_pipeline_with_adapter
 
     m = build_model(model_cfg(paths, "flux", lora=False))
     n_all = sum(p.numel() for p in m.module.parameters())
@@ -267,7 +267,7 @@ def test_missing_path_is_a_clear_error():
 def test_two_training_iterations(paths, name, tmp_path):
     """The real trainer on the tiny pipeline: two iterations run; the first mini-batch has ratio = 1 and
     D = 0; the LoRA moves; the run exports an adapter."""
-    from flowdppo.trainer import Trainer
+    from flowdppo.training.trainer import Trainer
 
     mc = model_cfg(paths, name)
     cfg = from_dict({
@@ -305,7 +305,7 @@ def test_two_training_iterations(paths, name, tmp_path):
 
 
 def test_sample_command_with_adapter(paths, tmp_path):
-    from flowdppo.sample import main
+    from flowdppo.tools.sample import main
 
     m = build_model(model_cfg(paths, "flux"))
     randomize(m.trainable_parameters())
@@ -333,7 +333,7 @@ def test_configs_follow_the_recipe():
 
 
 def test_bench_real_tiny_smoke(tmp_path):
-    from flowdppo.bench_real import main
+    from flowdppo.tools.bench_real import main
 
     out = tmp_path / "bench.json"
     assert main(["--tiny", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0   # 10 steps, 3 SDE steps

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowdppo import sde
-from flowdppo.sde import Kernel, cps_step, dance_step, flow_sde_step, gaussian_kl, ode_step, transition_std
+from flowdppo.core import sde
+from flowdppo.core.sde import Kernel, cps_step, dance_step, flow_sde_step, gaussian_kl, ode_step, transition_std
 
 SAMPLER_FNS = {"flow-sde": flow_sde_step, "cps": cps_step, "dance": dance_step}
 

@@ -176,7 +176,7 @@ def test_full_finetune_reference_and_base_save_load(tmp_path):
 
 def test_pretrain_smoke(tmp_path):
     pytest.importorskip("flowdppo.worlds.shapes")
-    from flowdppo.pretrain import pretrain
+    from flowdppo.tools.pretrain import pretrain
 
     tiny_cfg = {k: v for k, v in TINY.items() if k != "vocab"}
     out = tmp_path / "model"

@@ -6,7 +6,7 @@ import pytest
 
 from flowdppo.config import PRESETS, load_config
 from flowdppo.models.shapes_model import ShapesFlowModel
-from flowdppo.trainer import Trainer
+from flowdppo.training.trainer import Trainer
 
 TINY = {"num_layers": 2, "num_heads": 2, "head_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2}
 SMALL_RUN = ["train.iterations=2", "train.prompts_per_iter=2", "train.group_size=4", "train.minibatch_size=4",

@@ -1,6 +1,6 @@
 import pytest
 
-from flowdppo.steps import StepSelection
+from flowdppo.core.steps import StepSelection
 
 
 def test_random_steps_in_first_half_and_reproducible():

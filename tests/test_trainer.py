@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowdppo.config import PRESETS, ConfigError, load_config
-from flowdppo.trainer import Trainer, resume
+from flowdppo.training.trainer import Trainer, resume
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import PROMPTS, ToyModel, brightness_reward  # noqa: E402
@@ -115,7 +115,7 @@ def test_cli_rejects_a_bad_value(tmp_path):
 
 
 def test_uniform_shift_schedule_uses_the_configured_shift(tmp_path):
-    from flowdppo.sde import uniform_shift_sigmas
+    from flowdppo.core.sde import uniform_shift_sigmas
     tr = make(tmp_path, ["sampling.schedule=uniform-shift", "sampling.shift=3.0"])
     assert torch.allclose(tr.sigmas, uniform_shift_sigmas(6, 3.0))
     assert tr.kernel.sigma_max == pytest.approx(float(uniform_shift_sigmas(6, 3.0)[1]))
@@ -138,8 +138,8 @@ def test_eval_samples_per_prompt_draws_k_fixed_noise_samples_of_each_prompt(tmp_
 
 
 def test_same_initial_noise_shares_x1_within_a_group_and_only_there():
-    from flowdppo.rollout import rollout
-    from flowdppo.sde import Kernel, uniform_shift_sigmas
+    from flowdppo.training.rollout import rollout
+    from flowdppo.core.sde import Kernel, uniform_shift_sigmas
     model, sig = ToyModel(0), uniform_shift_sigmas(6, 1.0)
     kernel = Kernel.for_schedule(sig, sampler="flow-sde", eta=0.7)
     prompts = [p for p in PROMPTS[:3] for _ in range(4)]

@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from flowdppo.models.base import Cond, peft_adapter_disabled
-from flowdppo.sde import uniform_shift_sigmas
+from flowdppo.core.sde import uniform_shift_sigmas
 
 
 class _Net(nn.Module):

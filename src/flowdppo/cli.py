@@ -2,8 +2,8 @@
 
     flowdppo train [--config FILE] [--preset NAME] [--set key=value ...] [--name NAME] [--overwrite]
     flowdppo train --resume runs/<name> [--set train.iterations=N ...]
-    flowdppo pretrain ...        # the embedded shapes model (flowdppo.pretrain)
-    flowdppo sample ...          # images from a base model plus an adapter (flowdppo.sample)
+    flowdppo pretrain ...        # the embedded shapes model (flowdppo.tools.pretrain)
+    flowdppo sample ...          # images from a base model plus an adapter (flowdppo.tools.sample)
     flowdppo report runs/<name>  # rebuild a run's report.md and plots
     flowdppo presets             # list the presets and what they set
     flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
@@ -21,8 +21,8 @@ import yaml
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .trainer import Trainer, resume
+    from flowdppo.config import ConfigError, load_config
+    from flowdppo.training.trainer import Trainer, resume
 
     try:
         if args.resume:
@@ -46,13 +46,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from flowdppo.report import write_report
     print(write_report(args.run_dir))
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from .config import PRESETS
+    from flowdppo.config import PRESETS
     print(yaml.safe_dump(PRESETS, sort_keys=False))
     return 0
 
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=_presets)
 
-    for name, module, help_ in [("pretrain", "flowdppo.pretrain", "pretrain the embedded shapes model"),
-                                ("sample", "flowdppo.sample", "sample images from a model (+ adapter)"),
-                                ("bench", "flowdppo.bench", "benchmarks (losses)"),
-                                ("bench-real", "flowdppo.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
+    for name, module, help_ in [("pretrain", "flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
+                                ("sample", "flowdppo.tools.sample", "sample images from a model (+ adapter)"),
+                                ("bench", "flowdppo.tools.bench", "benchmarks (losses)"),
+                                ("bench-real", "flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
                                 ("reward-server", "flowdppo.rewards.http", "serve a reward over HTTP")]:
         d = sub.add_parser(name, help=help_, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)

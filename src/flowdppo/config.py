@@ -15,9 +15,9 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .losses import LOSSES
-from .sde import CPS_LOGPROBS, REDUCTIONS, SAMPLERS
-from .steps import STRATEGIES
+from flowdppo.core.losses import LOSSES
+from flowdppo.core.sde import CPS_LOGPROBS, REDUCTIONS, SAMPLERS
+from flowdppo.core.steps import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -296,7 +296,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.lora and cfg.model.lora_rank < 1:
         raise ConfigError(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
     # the step window must hold enough steps
-    from .steps import StepSelection
+    from flowdppo.core.steps import StepSelection
     try:
         sel = StepSelection(**asdict(cfg.steps))
         pool = sel.pool(s.num_steps)

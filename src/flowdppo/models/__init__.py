@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Cond, FlowModel, peft_adapter_disabled
+from flowdppo.models.base import Cond, FlowModel, peft_adapter_disabled
 
 # family -> "module:factory"; a factory takes the ModelConfig and returns a FlowModel
 MODEL_FAMILIES: dict[str, str] = {

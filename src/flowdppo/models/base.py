@@ -11,7 +11,7 @@ Conventions
 - ``sigma`` is the flow time in ``[0, 1]`` (1 = noise, 0 = data); adapters call their network with
   ``timestep = 1000 * sigma`` (SPEC section 1).
 - :meth:`FlowModel.velocity` returns float32 whatever the network's dtype: the transition maths is
-  done in fp32 by :mod:`flowdppo.sde`.
+  done in fp32 by :mod:`flowdppo.core.sde`.
 - Conditioning is a :class:`Cond`: a dict of tensors that all share the leading batch dimension,
   so the trainer can index, repeat and concatenate it without knowing what is inside.
 """

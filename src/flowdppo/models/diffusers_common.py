@@ -11,7 +11,7 @@ Precision
 LoRA weights are always float32 (peft casts the layer input to the LoRA dtype and the result back), so
 the optimizer updates fp32 master weights. Full fine-tuning keeps the transformer in fp32 and runs it
 under ``torch.autocast(cfg.dtype)`` when that is a half type. :meth:`velocity` always returns fp32 and
-the latents stay fp32 between steps (the transition maths lives in :mod:`flowdppo.sde`).
+the latents stay fp32 between steps (the transition maths lives in :mod:`flowdppo.core.sde`).
 
 Reference policy
 ----------------
@@ -43,8 +43,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import sde
-from .base import Cond, AdapterMixin
+from flowdppo.core import sde
+from flowdppo.models.base import Cond, AdapterMixin
 
 log = logging.getLogger("flowdppo")
 

@@ -14,7 +14,7 @@ FLUX.1:
 - **Timestep**: the pipeline passes ``timestep / 1000`` (the transformer multiplies by 1000 again):
   ``(1000 * sigma).to(dtype) / 1000``, exactly as the pipeline rounds it.
 - **Schedule**: the pipeline's base sigmas ``linspace(1, 1/N, N)`` through the scheduler's dynamic
-  shift, ``mu`` from the packed image sequence length (``flowdppo.sde.flux_mu``).
+  shift, ``mu`` from the packed image sequence length (``flowdppo.core.sde.flux_mu``).
 - **Decoding**: ``vae.decode(x / scaling_factor + shift_factor)``.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import sde
-from .base import Cond
-from .diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
+from flowdppo.core import sde
+from flowdppo.models.base import Cond
+from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .. import sde
-from .base import Cond
-from .diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
+from flowdppo.core import sde
+from flowdppo.models.base import Cond
+from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
 
 
 class SD3FlowModel(DiffusersFlowModel):

@@ -19,7 +19,7 @@ CPU in minutes with the same code paths as a real SD3:
   stay frozen and :meth:`ShapesFlowModel.disable_adapter` gives back the reference model exactly.
 
 Build it with :meth:`ShapesFlowModel.from_pretrained` (the shipped weights, no download) or
-:meth:`ShapesFlowModel.from_config` (random weights, for tests and for :mod:`flowdppo.pretrain`).
+:meth:`ShapesFlowModel.from_config` (random weights, for tests and for :mod:`flowdppo.tools.pretrain`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Cond, AdapterMixin
+from flowdppo.models.base import Cond, AdapterMixin
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"
 CONFIG_NAME = "config.json"
@@ -141,7 +141,7 @@ def _resolve_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown shapes model config keys: {sorted(unknown)}")
     if out["vocab"] is None:
-        from ..worlds import shapes
+        from flowdppo.worlds import shapes
 
         out["vocab"] = list(shapes.vocabulary())
     return out
@@ -187,7 +187,7 @@ class ShapesFlowModel(AdapterMixin):
         cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not cfg_file.exists() or not w_file.exists():
             raise FileNotFoundError(f"no shapes model at {path} (need {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                                    "train one with `python -m flowdppo.pretrain --out DIR`")
+                                    "train one with `python -m flowdppo.tools.pretrain --out DIR`")
         cfg = _resolve_config(json.loads(cfg_file.read_text())["model"])
         net = ShapesNet(cfg)
         state = {k: v.float() for k, v in load_file(str(w_file)).items()}
@@ -332,7 +332,7 @@ class ShapesFlowModel(AdapterMixin):
         ``linspace(1, 0, N+1)`` with ``s = shift`` (default: the model's ``default_shift``, 1.0 = linear);
         ``"diffusers"`` gives what a ``FlowMatchEulerDiscreteScheduler(shift=s)`` would.
         """
-        from .. import sde
+        from flowdppo.core import sde
 
         s = float(self.config["default_shift"] if shift is None else shift)
         if schedule in ("model", "uniform-shift"):

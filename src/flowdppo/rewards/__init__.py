@@ -20,7 +20,7 @@ def shapes_reward() -> RewardFn:
     """The embedded world's exact, rule-based reward: ``strict`` (every atom holds) and ``soft``
     (fraction of atoms that hold), GenEval-style, and ``quality`` (the mean best-template IoU of the
     detected blobs: how cleanly shapes are drawn, a graded signal that needs no prompt)."""
-    from ..worlds import shapes
+    from flowdppo.worlds import shapes
 
     def fn(prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         parsed = [shapes.parse_prompt(p) for p in prompts]
@@ -33,7 +33,7 @@ def shapes_reward() -> RewardFn:
 
 
 def http_reward(url: str) -> RewardFn:
-    from .http import HTTPReward
+    from flowdppo.rewards.http import HTTPReward
 
     return HTTPReward(url)
 

@@ -96,7 +96,7 @@ def make_server(reward_fn: Callable, host: str = "127.0.0.1", port: int = 0) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import REWARDS
+    from flowdppo.rewards import REWARDS
     p = argparse.ArgumentParser(prog="flowdppo reward-server", description="Serve a registered reward over HTTP.")
     p.add_argument("--reward", default="shapes", choices=[k for k in REWARDS if k != "http"])
     p.add_argument("--host", default="127.0.0.1")

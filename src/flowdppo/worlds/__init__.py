@@ -1,6 +1,6 @@
 """Embedded worlds: procedurally rendered scenes with exact, rule-based rewards (see README.md)."""
 
-from .shapes import (BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, IMAGE_SIZE, OOD_CATEGORIES, RELATIONS, SHAPES,
+from flowdppo.worlds.shapes import (BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, IMAGE_SIZE, OOD_CATEGORIES, RELATIONS, SHAPES,
                      SPLITS, Detection, Prompt, Scene, SceneObject, Score, detect, parse_prompt, prompt_pool,
                      prompt_sets, relation_holds, render, sample_prompt, scene_for_prompt, score, score_batch,
                      vocabulary)

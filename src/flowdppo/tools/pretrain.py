@@ -20,9 +20,9 @@ high-lr phase), else the EMA (``ship``). It is then evaluated: 10-step Euler ODE
 held-out ``eval`` prompts, scored by ``score_batch``, strict accuracy per category and overall.
 
     # the shipped weights (see models/README.md)
-    python -m flowdppo.pretrain --out src/flowdppo/assets/shapes_model --ckpt-dir runs/pretrain/ckpt \
+    python -m flowdppo.tools.pretrain --out src/flowdppo/assets/shapes_model --ckpt-dir runs/pretrain/ckpt \
         --steps 15500 --cooldown 3500 --seed 0
-    python -m flowdppo.pretrain --eval-only --out runs/pretrain/ckpt/step_0006000
+    python -m flowdppo.tools.pretrain --eval-only --out runs/pretrain/ckpt/step_0006000
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .models.shapes_model import ShapesFlowModel
+from flowdppo.models.shapes_model import ShapesFlowModel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def make_batch(rng: np.random.Generator, batch_size: int, p_uncond: float = 0.1,
                categories: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
     """``batch_size`` fresh train-split pairs: prompts (``""`` with prob ``p_uncond``) and ``x0 [B, 3, 32, 32]`` in [-1, 1]."""
-    from .worlds import shapes
+    from flowdppo.worlds import shapes
 
     cats = list(categories or shapes.CATEGORIES)
     prompts, images = [], []
@@ -96,7 +96,7 @@ def evaluate(model: ShapesFlowModel, prompts: Sequence[Any] | None = None, sampl
     evaluates). Returns ``{"overall": strict over all samples, "overall_soft", "macro": mean over
     categories, "per_category": {cat: strict}, "n": samples}``; optionally writes a PNG grid.
     """
-    from .worlds import shapes
+    from flowdppo.worlds import shapes
 
     model.module.eval()
     if prompts is None:
@@ -133,7 +133,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Pa
     """``images [R*n_cols, 3, H, W]`` -> a labelled PNG (the report's helper, or plain PIL)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from .report import save_image_grid
+        from flowdppo.report import save_image_grid
 
         save_image_grid(images, list(labels), n_cols, path)
         return
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.eval_only:
         if a.threads:
             torch.set_num_threads(a.threads)
-        from .worlds import shapes
+        from flowdppo.worlds import shapes
 
         model = ShapesFlowModel.from_pretrained(a.out)
         for g in a.eval_guidance:

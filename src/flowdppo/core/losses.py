@@ -7,7 +7,7 @@ per-element loss over every entry, masked ones included (:func:`reduce_loss`).
 Inputs (:class:`LossInputs`):
 - ``logp_new``, ``logp_old``: ``[B, S]`` log-probs of the stored actions (reduced like the kernel);
 - ``adv``: ``[B]`` advantages, shared by the steps of a sample;
-- ``kl``: ``[B, S]`` exact old/new KL of each step (:func:`flowdppo.sde.gaussian_kl`), detached;
+- ``kl``: ``[B, S]`` exact old/new KL of each step (:func:`flowdppo.core.sde.gaussian_kl`), detached;
 - ``mean_new``, ``mean_old``: ``[B, S, ...]`` step means (GRPO-Guard only);
 - ``std``: ``[B, S]`` transition std from the kernel; ``dt``: ``[B, S]`` ``sigma - sigma_next > 0``;
 - ``kl_ref``: ``[B, S]`` KL to the reference policy, with gradient (for ``beta > 0``).
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .sde import reduce_latent
+from flowdppo.core.sde import reduce_latent
 
 LOSSES = ("flow-dppo", "clip", "grpo-guard", "dppo-symmetric", "unclipped")
 

@@ -7,8 +7,8 @@ two batches' gradients point in unrelated directions. The mean pairwise cosine o
 agrees. It says whether a reward, a batch size or a step selection can teach the model anything
 before a long run is spent on it::
 
-    python -m flowdppo.gradsignal --batches 6 --same-prompts
-    python -m flowdppo.gradsignal --set "reward.weights={quality: 1.0, strict: 0.0, soft: 0.0}"
+    python -m flowdppo.tools.gradsignal --batches 6 --same-prompts
+    python -m flowdppo.tools.gradsignal --set "reward.weights={quality: 1.0, strict: 0.0, soft: 0.0}"
 
 The gradients are taken at the current weights with the ratio at 1 (the first mini-batch of every
 loss), so the loss choice does not matter; no weight is changed. One process only.
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .rollout import replay_step
+from flowdppo.training.rollout import replay_step
 
 
 def batch_gradient(trainer, it: int, prompt_iteration: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -59,10 +59,10 @@ def gradient_agreement(grads: Sequence[torch.Tensor]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import load_config
-    from .trainer import Trainer
+    from flowdppo.config import load_config
+    from flowdppo.training.trainer import Trainer
 
-    ap = argparse.ArgumentParser(prog="python -m flowdppo.gradsignal", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m flowdppo.tools.gradsignal", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML config (as for flowdppo train)")
     ap.add_argument("--preset")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

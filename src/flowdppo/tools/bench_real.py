@@ -1,7 +1,7 @@
 """GPU benchmark of Flow-DPPO on an SD3.5-medium-sized model (random weights, no download).
 
-    python -m flowdppo.bench_real                 # SD3.5-medium transformer + SD3 VAE, 512², LoRA r32, bf16, CUDA
-    python -m flowdppo.bench_real --tiny          # a tiny model on the CPU: a smoke check of the same code path
+    python -m flowdppo.tools.bench_real                 # SD3.5-medium transformer + SD3 VAE, 512², LoRA r32, bf16, CUDA
+    python -m flowdppo.tools.bench_real --tiny          # a tiny model on the CPU: a smoke check of the same code path
     flowdppo bench-real --json out.json ...       # the same through the CLI
 
 What it builds: diffusers' ``SD3Transformer2DModel`` from the public config of
@@ -14,9 +14,9 @@ seeded random prompt embeddings of the real shapes (77 CLIP + ``max_sequence_len
 
 What it measures (recipe: 10 steps, 3 SDE steps in the first half, no CFG, group 16):
 
-- **rollout images/s**: :func:`flowdppo.rollout.rollout` alone (transformer steps + the kernel), and the
+- **rollout images/s**: :func:`flowdppo.training.rollout.rollout` alone (transformer steps + the kernel), and the
   VAE decode time per image;
-- **training time per iteration**: :meth:`flowdppo.trainer.Trainer.iteration_step` (rollout + decode +
+- **training time per iteration**: :meth:`flowdppo.training.trainer.Trainer.iteration_step` (rollout + decode +
   reward + anchor replay + reference KL + training pass + optimizer step), split as the trainer logs it;
 - **peak memory** (``torch.cuda.max_memory_allocated``; on CPU the process's max RSS);
 - **model-FLOP utilisation**: transformer FLOPs counted exactly with ``torch.utils.flop_counter`` on a
@@ -74,7 +74,7 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200",
 
 
 def _sd3_model_class():
-    from .models.sd3 import SD3FlowModel
+    from flowdppo.models.sd3 import SD3FlowModel
 
     class RandomTextSD3(SD3FlowModel):
         """SD3FlowModel whose prompt encoder is a seeded random embedding of the real shapes."""
@@ -118,7 +118,7 @@ def build_bench_model(model_cfg: Any, tiny: bool, seed: int = 0):
     """The SD3.5-medium-sized (or tiny) model with random weights, as an SD3FlowModel."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from .models.diffusers_common import torch_dtype
+    from flowdppo.models.diffusers_common import torch_dtype
 
     device, dtype = torch.device(model_cfg.device), torch_dtype(model_cfg.dtype)
     torch.manual_seed(seed)
@@ -221,9 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .config import ModelConfig, from_dict
-    from .rollout import rollout
-    from .trainer import Trainer
+    from flowdppo.config import ModelConfig, from_dict
+    from flowdppo.training.rollout import rollout
+    from flowdppo.training.trainer import Trainer
 
     tiny = args.tiny
     device = torch.device(args.device or ("cpu" if tiny else "cuda"))

@@ -119,7 +119,7 @@ class Dist:
     def check_batch(self, rollout_size: int, minibatch_size: int) -> None:
         """The rollout batch and every mini-batch must split evenly over the processes."""
         if rollout_size % self.world or minibatch_size % self.world:
-            from .config import ConfigError
+            from flowdppo.config import ConfigError
             raise ConfigError(
                 f"with {self.world} processes, prompts_per_iter*group_size ({rollout_size}) and "
                 f"train.minibatch_size ({minibatch_size}) must be multiples of {self.world}")
@@ -240,11 +240,11 @@ class Dist:
     # ------------------------------------------------------------------ trajectories
 
     def gather_trajectories(self, part, prompts: Sequence[str], group_ids: torch.Tensor, cond):
-        """The whole batch's :class:`~flowdppo.rollout.Trajectories` from every process's part
+        """The whole batch's :class:`~flowdppo.training.rollout.Trajectories` from every process's part
         (tensors stay on the device the part is on: the CPU with ``train.trajectories_on_cpu``)."""
         if not self.active:
             return part
-        from .rollout import Trajectories
+        from flowdppo.training.rollout import Trajectories
         g = self.all_gather_cat
         return Trajectories(list(prompts), group_ids, cond, part.sigmas, list(part.sde_steps), g(part.latents),
                             g(part.next_latents), g(part.log_probs), g(part.means), g(part.final))
@@ -260,7 +260,7 @@ class Dist:
         DeepSpeed only, whose engine owns accumulation and clipping.
         """
         if sharding not in SHARDINGS:
-            from .config import ConfigError
+            from flowdppo.config import ConfigError
             raise ConfigError(f"train.sharding {sharding!r} is not valid; valid: {', '.join(SHARDINGS)}")
         self.sharding = sharding
         module: nn.Module = model.module

@@ -12,7 +12,7 @@ One iteration:
 Every random draw of an iteration comes from generators seeded by ``(seed, iteration)``, so a run
 resumed from a checkpoint reproduces the uninterrupted one.
 
-Under ``torchrun`` / ``accelerate launch`` (``self.dist``, :mod:`flowdppo.distributed`) every process
+Under ``torchrun`` / ``accelerate launch`` (``self.dist``, :mod:`flowdppo.training.distributed`) every process
 draws the same whole-batch randomness, rolls out its share, and the rewards, trajectories, anchor,
 gradients and metrics are exchanged so that the update is the one-process update; rank 0 writes.
 """
@@ -34,17 +34,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import advantages as adv_lib
-from .analysis import ratio_noise_report
-from .config import Config, ConfigError
-from .distributed import Dist, NullLogger, enable_gradient_checkpointing
-from .losses import LossInputs, LossSpec, policy_loss
-from .models import FlowModel, build_model
-from .models.base import Cond
-from .rewards import build_reward
-from .rollout import Trajectories, ode_sample, replay_step, rollout
-from .sde import Kernel, uniform_shift_sigmas
-from .steps import StepSelection
+from flowdppo.core import advantages as adv_lib
+from flowdppo.core.analysis import ratio_noise_report
+from flowdppo.config import Config, ConfigError
+from flowdppo.training.distributed import Dist, NullLogger, enable_gradient_checkpointing
+from flowdppo.core.losses import LossInputs, LossSpec, policy_loss
+from flowdppo.models import FlowModel, build_model
+from flowdppo.models.base import Cond
+from flowdppo.rewards import build_reward
+from flowdppo.training.rollout import Trajectories, ode_sample, replay_step, rollout
+from flowdppo.core.sde import Kernel, uniform_shift_sigmas
+from flowdppo.core.steps import StepSelection
 
 log = logging.getLogger("flowdppo")
 
@@ -105,7 +105,7 @@ class Trainer:
                  prompts: Sequence[str] | None = None, run_dir: str | os.PathLike | None = None,
                  eval_sets: dict[str, list[str]] | None = None, overwrite: bool = False, dist: Dist | None = None):
         self.cfg = cfg
-        # several processes (torchrun / accelerate launch): see flowdppo.distributed; one process by default
+        # several processes (torchrun / accelerate launch): see flowdppo.training.distributed; one process by default
         self.dist = dist if dist is not None else Dist.from_env(cfg.model.device)
         self.dist.check_batch(cfg.train.prompts_per_iter * cfg.train.group_size, cfg.train.minibatch_size)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.log.run_dir) / cfg.log.name
@@ -165,7 +165,7 @@ class Trainer:
         if prompts is None or eval_sets is None:
             if cfg.model.family != "shapes" and prompts is None:
                 raise ConfigError("train.prompts_file is required for models other than the embedded shapes model")
-            from .worlds import shapes
+            from flowdppo.worlds import shapes
             sets = shapes.prompt_sets(seed=0)
             if cfg.train.prompt_split not in sets:
                 raise ConfigError(f"train.prompt_split {cfg.train.prompt_split!r} is not valid; valid: {', '.join(sets)}")
@@ -432,7 +432,7 @@ class Trainer:
             for k, v in scores.items():
                 out[f"eval/{name}/{k}"] = float(v.mean())
             if self.shapes_world:
-                from .worlds import shapes
+                from flowdppo.worlds import shapes
                 cats = [shapes.parse_prompt(p).category for p in prompts]
                 for cat in sorted(set(cats)):
                     sel = torch.tensor([ci == cat for ci in cats])
@@ -442,7 +442,7 @@ class Trainer:
     @torch.no_grad()
     def image_grid(self, path: Path, n_prompts: int | None = None, n_seeds: int = 4) -> Path | None:
         """A PNG grid: rows = the first evaluation prompts, columns = fixed seeds (same before/after)."""
-        from .report import save_image_grid
+        from flowdppo.report import save_image_grid
         prompts = next(iter(self.eval_sets.values()), [])[: n_prompts or self.cfg.eval.grid_prompts]
         if not prompts:
             return None
@@ -587,7 +587,7 @@ class Trainer:
                 if self.dist.is_main:
                     self.model.save_adapter(str(self.run_dir / "adapter"))
             if self.dist.is_main:
-                from .report import write_report
+                from flowdppo.report import write_report
                 write_report(self.run_dir)
             self.dist.barrier()
         self.logger.close()
@@ -622,7 +622,7 @@ def _read_lines(path: str) -> list[str]:
 
 def resume(run_dir: str | os.PathLike, overrides: list[str] | None = None, **kwargs: Any) -> Trainer:
     """A trainer for ``run_dir`` restored from its latest checkpoint (config from ``run_dir/config.yaml``)."""
-    from .config import load_run_config
+    from flowdppo.config import load_run_config
     cfg = load_run_config(str(run_dir), overrides)
     trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
     trainer.load_checkpoint()

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .models.base import Cond, FlowModel
-from .sde import Kernel, StepOutput
+from flowdppo.models.base import Cond, FlowModel
+from flowdppo.core.sde import Kernel, StepOutput
 
 
 @dataclass
@@ -102,7 +102,7 @@ def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids:
 
     ``part`` (a slice of the batch) samples only those trajectories and returns them alone: the noise of
     the whole batch is drawn in the same chunk order and sliced, so a sample gets the same noise whichever
-    process rolls it out (:mod:`flowdppo.distributed`).
+    process rolls it out (:mod:`flowdppo.training.distributed`).
 
     ``same_initial_noise`` gives every sample of a group the initial noise of the group's first sample
     (DanceGRPO's ``init_same_noise``): the group then differs only by the SDE noise of the trained steps,

@@ -1,6 +1,6 @@
 """Benchmarks that are run by hand, never by the test suite.
 
-``python -m flowdppo.bench losses`` times the Flow-DPPO loss (exact KL from the step means + mask +
+``python -m flowdppo.tools.bench losses`` times the Flow-DPPO loss (exact KL from the step means + mask +
 surrogate, forward and backward) against the PPO-clip loss (surrogate only) on ``[B, S, C, H, W]``
 tensors, default ``[16, 3, 16, 64, 64]`` (SD3.5 latents at 512^2, 3 SDE steps).
 """
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from .losses import LossInputs, LossSpec, policy_loss, reduce_loss
-from .sde import gaussian_kl
+from flowdppo.core.losses import LossInputs, LossSpec, policy_loss, reduce_loss
+from flowdppo.core.sde import gaussian_kl
 
 
 def _time(fn, repeats: int, warmup: int = 3) -> float:
@@ -63,7 +63,7 @@ def bench_losses(shape: tuple[int, ...] = (16, 3, 16, 64, 64), repeats: int = 20
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flowdppo.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowdppo.tools.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     lp = sub.add_parser("losses", help="Flow-DPPO vs PPO-clip loss time")

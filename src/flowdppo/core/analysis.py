@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .sde import gaussian_kl, gaussian_log_prob
+from flowdppo.core.sde import gaussian_kl, gaussian_log_prob
 
 
 @dataclass

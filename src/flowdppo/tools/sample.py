@@ -79,8 +79,8 @@ def load_pipeline_with_adapter(family: str, model_path: str, adapter: str | None
     covers FLUX.1 and FLUX.2 [klein]."""
     import diffusers
 
-    from .models.diffusers_common import FULL_TRANSFORMER_DIR, LORA_WEIGHT_NAME, _dtype_kwarg
-    from .models.flux import pipeline_class_name
+    from flowdppo.models.diffusers_common import FULL_TRANSFORMER_DIR, LORA_WEIGHT_NAME, _dtype_kwarg
+    from flowdppo.models.flux import pipeline_class_name
 
     pipe_name = pipeline_class_name(model_path) or FAMILY_PIPELINE[family]
     if pipe_name not in TRANSFORMERS:
@@ -131,7 +131,7 @@ def _sample_diffusers(args, family, prompts, info, device, dtype) -> list[tuple[
 def _sample_shapes(args, prompts, device, dtype) -> list[tuple[str, int, Any]]:
     from PIL import Image
 
-    from .models.shapes_model import ShapesFlowModel
+    from flowdppo.models.shapes_model import ShapesFlowModel
 
     model = ShapesFlowModel.from_pretrained(args.model_path, device=device, dtype=dtype)
     if args.adapter:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     family = args.model_family or info.get("family") or "shapes"
     prompts = _prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from .models.diffusers_common import torch_dtype
+    from flowdppo.models.diffusers_common import torch_dtype
     dtype = torch_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if family in FAMILY_PIPELINE:
         results = _sample_diffusers(args, family, prompts, info, device, dtype)

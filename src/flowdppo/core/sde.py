@@ -81,7 +81,7 @@ def diffusers_sigmas(num_steps: int, scheduler_config: Mapping[str, Any] | None 
     if shift_type not in ("exponential", "linear"):
         raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {shift_type!r}")
     if dynamic and mu is None:
-        raise ValueError("this scheduler config uses dynamic shifting: pass mu (see flowdppo.sde.flux_mu)")
+        raise ValueError("this scheduler config uses dynamic shifting: pass mu (see flowdppo.core.sde.flux_mu)")
 
     def static(s: torch.Tensor) -> torch.Tensor:
         return shift * s / (1 + (shift - 1) * s)

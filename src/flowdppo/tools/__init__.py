@@ -1,0 +1,1 @@
+"""Tools around the loop: pretraining the shapes model, sampling, benchmarks, gradient-signal measurement."""

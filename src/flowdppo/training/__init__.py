@@ -1,0 +1,1 @@
+"""The training loop: rollout and replay, the RL iteration, multi-process plumbing."""
