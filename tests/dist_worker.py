@@ -22,18 +22,26 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy import PROMPTS, ToyModel, brightness_reward  # noqa: E402
-
 from flowdppo.config import load_config  # noqa: E402
 from flowdppo.training.trainer import Trainer, resume  # noqa: E402
+from toy import PROMPTS, ToyModel, brightness_reward  # noqa: E402
 
 # the shapes model's word vocabulary for the toy prompts (tests build it with random weights)
-TINY_SHAPES = {"num_layers": 2, "num_heads": 2, "head_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2,
-               "max_tokens": 4, "vocab": ["light", "dark", "a", "b", "c", "d", "e", "f"]}
+TINY_SHAPES = {
+    "num_layers": 2,
+    "num_heads": 2,
+    "head_dim": 8,
+    "text_dim": 16,
+    "text_layers": 1,
+    "text_heads": 2,
+    "max_tokens": 4,
+    "vocab": ["light", "dark", "a", "b", "c", "d", "e", "f"],
+}
 
 
 def tiny_shapes(seed: int = 0):
     from flowdppo.models.shapes_model import ShapesFlowModel
+
     m = ShapesFlowModel.from_config(TINY_SHAPES, seed=seed)
     m.enable_full_finetune()
     return m
@@ -46,6 +54,7 @@ def capture_advantages(tr: Trainer, box: list) -> None:
         adv, m = orig(prompts, group_ids, rewards)
         box.append({"adv": adv.clone(), "rewards": {k: v.clone() for k, v in rewards.items()}})
         return adv, m
+
     tr.advantages = wrapped
 
 
@@ -55,8 +64,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(overrides=overrides)
     dump: dict = {}
     if mode == "step":
-        tr = Trainer(cfg, model=ToyModel(0), reward_fn=brightness_reward, prompts=PROMPTS, eval_sets={},
-                     run_dir=out / "run")
+        tr = Trainer(
+            cfg, model=ToyModel(0), reward_fn=brightness_reward, prompts=PROMPTS, eval_sets={}, run_dir=out / "run"
+        )
         box: list = []
         capture_advantages(tr, box)
         dump["metrics"] = tr.iteration_step(0)
@@ -76,8 +86,11 @@ def main(argv: list[str]) -> int:
     elif mode == "fsdp2":
         kw = dict(reward_fn=brightness_reward, prompts=PROMPTS, eval_sets={"eval": PROMPTS[:3]})
         tr = Trainer(cfg, model=tiny_shapes(0), run_dir=out / "run", **kw)
-        dump["sharded"] = [type(tr.model.module).__name__, type(tr.model.module.transformer.transformer_blocks[0]).__name__,
-                          type(tr.model.module.text_encoder).__name__]
+        dump["sharded"] = [
+            type(tr.model.module).__name__,
+            type(tr.model.module.transformer.transformer_blocks[0]).__name__,
+            type(tr.model.module.text_encoder).__name__,
+        ]
         dump["local_numel"] = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in tr.params)
         tr.run(progress=False)
         dump["params"] = tr.dist.full_state(tr.model, tr.params)  # rank 0: full weights; others: None

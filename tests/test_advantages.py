@@ -20,6 +20,7 @@ def test_group_means_are_zero_and_global_std_by_hand():
     assert torch.allclose(adv, (r - means) / (sd + 1e-8), atol=1e-6)
     # by hand for one entry: group 1 mean 3.0, sample 4.0
     import statistics
+
     assert adv[5].item() == pytest.approx((4.0 - 3.0) / statistics.stdev(r.tolist()), rel=1e-5)
 
 
@@ -46,7 +47,7 @@ def test_gdpo_by_hand():
     adv = A.gdpo_advantages(r, g, w)
     # each reward normalised within its group (population std)
     n0 = torch.tensor([1.0, -1.0, -1.0, 1.0])  # reward 0: groups (1,0) and (2,4)
-    n1 = torch.tensor([-1.0, 1.0, 0.0, 0.0])   # reward 1: groups (10,30), (20,20) -> zero std
+    n1 = torch.tensor([-1.0, 1.0, 0.0, 0.0])  # reward 1: groups (10,30), (20,20) -> zero std
     total = n0 * 1.0 + n1 * 0.5
     expect = (total - total.mean()) / (total.std(unbiased=True) + 1e-8)
     assert torch.allclose(adv, expect, atol=1e-5)

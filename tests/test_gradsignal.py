@@ -31,18 +31,29 @@ def test_batch_gradient_descends_along_the_reward_and_trains_nothing(tmp_path):
     # one SDE step, the last, and one group sharing its initial noise: the reward mean(x_final) is exactly
     # linear in that step's noise, so minus the batch's policy gradient must point where mean(mean_theta)
     # grows (the analytic direction), and a reward that ignores the images must not.
-    cfg = load_config(overrides=BASE + [
-        "train.prompts_per_iter=1", "train.group_size=64", "train.minibatch_size=64", "train.micro_batch_size=32",
-        "train.rollout_batch_size=64", "steps.num_sde_steps=1", "steps.start=0.8", "steps.end=1.0",
-        "sampling.same_initial_noise=true"])
+    cfg = load_config(
+        overrides=BASE
+        + [
+            "train.prompts_per_iter=1",
+            "train.group_size=64",
+            "train.minibatch_size=64",
+            "train.micro_batch_size=32",
+            "train.rollout_batch_size=64",
+            "steps.num_sde_steps=1",
+            "steps.start=0.8",
+            "steps.end=1.0",
+            "sampling.same_initial_noise=true",
+        ]
+    )
     gen = torch.Generator().manual_seed(0)
 
     def noise_reward(prompts, images):
         return {"bright": torch.randn(len(prompts), generator=gen)}
 
     def direction(reward_fn, name):
-        tr = Trainer(cfg, model=LinearDecodeToy(0), reward_fn=reward_fn, prompts=PROMPTS, eval_sets={},
-                     run_dir=tmp_path / name)
+        tr = Trainer(
+            cfg, model=LinearDecodeToy(0), reward_fn=reward_fn, prompts=PROMPTS, eval_sets={}, run_dir=tmp_path / name
+        )
         before = [p.detach().clone() for p in tr.params]
         g, metrics = batch_gradient(tr, 0, prompt_iteration=0)
         assert all(torch.equal(a, b) for a, b in zip(before, tr.params)) and all(p.grad is None for p in tr.params)

@@ -14,8 +14,13 @@ DELTA = 1e-5
 def _inp(log_ratio, adv, kl, **kw):
     lr = torch.as_tensor(log_ratio, dtype=torch.float32).reshape(-1, 1).clone().requires_grad_(True)
     n = lr.shape[0]
-    return LossInputs(logp_new=lr, logp_old=torch.zeros(n, 1), adv=torch.as_tensor(adv, dtype=torch.float32),
-                      kl=torch.as_tensor(kl, dtype=torch.float32).reshape(n, 1), **kw), lr
+    return LossInputs(
+        logp_new=lr,
+        logp_old=torch.zeros(n, 1),
+        adv=torch.as_tensor(adv, dtype=torch.float32),
+        kl=torch.as_tensor(kl, dtype=torch.float32).reshape(n, 1),
+        **kw,
+    ), lr
 
 
 def test_flow_dppo_truth_table():
@@ -120,9 +125,16 @@ def test_grpo_guard_recentred_log_ratio_has_zero_mean():
     assert abs((log_r + bias).mean().item()) < 4 * se
     assert abs(log_r.mean().item()) > 10 * se  # the un-centred one is clearly off zero
 
-    inp = LossInputs(logp_new=new.log_prob[:, None], logp_old=old.log_prob[:, None], adv=torch.ones(n),
-                     mean_new=new.mean[:, None], mean_old=old.mean[:, None], std=old.std[:, None],
-                     dt=(sig[k] - sig[k + 1]).expand(n, 1).float(), kl=kl[:, None])
+    inp = LossInputs(
+        logp_new=new.log_prob[:, None],
+        logp_old=old.log_prob[:, None],
+        adv=torch.ones(n),
+        mean_new=new.mean[:, None],
+        mean_old=old.mean[:, None],
+        std=old.std[:, None],
+        dt=(sig[k] - sig[k + 1]).expand(n, 1).float(),
+        kl=kl[:, None],
+    )
     loss, m = losses.grpo_guard_loss(inp, eps=1e9)  # no clipping: loss = -A r~ / dt
     r_t = torch.exp((log_r + bias) * old.std)
     assert torch.allclose(loss[:, 0], -r_t / (sig[k] - sig[k + 1]), rtol=1e-5)
@@ -155,9 +167,17 @@ def test_first_minibatch_is_identity(name):
     n, s = 6, 3
     means = torch.randn(n, s, 2, 4, 4)
     lp = torch.randn(n, s)
-    inp = LossInputs(logp_new=lp.clone(), logp_old=lp, adv=torch.randn(n), kl=torch.zeros(n, s),
-                     mean_new=means.clone(), mean_old=means, std=torch.full((n, s), 0.5),
-                     dt=torch.full((n, s), 0.05), kl_ref=torch.zeros(n, s))
+    inp = LossInputs(
+        logp_new=lp.clone(),
+        logp_old=lp,
+        adv=torch.randn(n),
+        kl=torch.zeros(n, s),
+        mean_new=means.clone(),
+        mean_old=means,
+        std=torch.full((n, s), 0.5),
+        dt=torch.full((n, s), 0.05),
+        kl_ref=torch.zeros(n, s),
+    )
     loss, m = policy_loss(inp, LossSpec(name=name))
     assert m["ratio_min"] == 1.0 and m["ratio_max"] == 1.0 and m["kl_max"] == 0.0
     assert m.get("masked_frac", 0.0) == 0.0 and m.get("clip_frac", 0.0) == 0.0
@@ -174,4 +194,6 @@ def test_shape_checks():
     with pytest.raises(ValueError, match="valid"):
         LossSpec(name="ppo")
     with pytest.raises(ValueError, match="kl"):
-        losses.flow_dppo_loss(LossInputs(logp_new=torch.zeros(2, 1), logp_old=torch.zeros(2, 1), adv=torch.zeros(2)), DELTA)
+        losses.flow_dppo_loss(
+            LossInputs(logp_new=torch.zeros(2, 1), logp_old=torch.zeros(2, 1), adv=torch.zeros(2)), DELTA
+        )

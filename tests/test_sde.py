@@ -5,12 +5,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from flowdppo.core import sde
-from flowdppo.core.sde import Kernel, cps_step, dance_step, flow_sde_step, gaussian_kl, ode_step, transition_std
+from flowdppo.core.sde import Kernel, cps_step, dance_step, flow_sde_step, gaussian_kl, transition_std
 
 SAMPLER_FNS = {"flow-sde": flow_sde_step, "cps": cps_step, "dance": dance_step}
 
 
 # ---------------------------------------------------------------- schedules
+
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("n", [1, 10, 40])
@@ -25,8 +26,14 @@ def test_diffusers_schedule_matches_scheduler(shift, n):
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 @pytest.mark.parametrize("n", [1, 10, 28])
 def test_diffusers_schedule_dynamic_shift(seq_len, n):
-    cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-               max_image_seq_len=4096, shift=3.0)
+    cfg = dict(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift=3.0,
+    )
     sched = FlowMatchEulerDiscreteScheduler(**cfg)
     mu = sde.flux_mu(seq_len)
     sched.set_timesteps(n, mu=mu)
@@ -34,8 +41,9 @@ def test_diffusers_schedule_dynamic_shift(seq_len, n):
     # as the FLUX pipelines call it: custom base sigmas linspace(1, 1/N, N)
     base = torch.linspace(1.0, 1.0 / n, n).numpy()
     sched.set_timesteps(sigmas=base, mu=mu)
-    assert torch.allclose(sde.diffusers_sigmas(n, dict(sched.config), mu=mu, base_sigmas=base),
-                          sched.sigmas.float(), atol=1e-6, rtol=0)
+    assert torch.allclose(
+        sde.diffusers_sigmas(n, dict(sched.config), mu=mu, base_sigmas=base), sched.sigmas.float(), atol=1e-6, rtol=0
+    )
 
 
 def test_diffusers_schedule_shift_terminal_and_linear():
@@ -47,7 +55,9 @@ def test_diffusers_schedule_shift_terminal_and_linear():
 
 def test_schedule_values_from_spec():
     d = sde.diffusers_sigmas(10, {"shift": 3.0})
-    assert torch.allclose(d, torch.tensor([1.0, 0.960, 0.913, 0.858, 0.790, 0.707, 0.602, 0.465, 0.278, 0.0089, 0.0]), atol=6e-4)
+    assert torch.allclose(
+        d, torch.tensor([1.0, 0.960, 0.913, 0.858, 0.790, 0.707, 0.602, 0.465, 0.278, 0.0089, 0.0]), atol=6e-4
+    )
     u = sde.uniform_shift_sigmas(10, 3.0)
     assert u[0] == 1 and u[-1] == 0
     assert u[1].item() == pytest.approx(0.9643, abs=1e-4) and u[9].item() == pytest.approx(0.25, abs=1e-6)
@@ -63,6 +73,7 @@ def test_schedule_errors_name_the_problem():
 
 
 # ---------------------------------------------------------------- kernels
+
 
 def _inputs(b=4, shape=(3, 8, 8), seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -198,6 +209,7 @@ def test_per_sample_sigmas():
 
 
 # ---------------------------------------------------------------- exact KL
+
 
 @pytest.mark.parametrize("name", ["flow-sde", "cps"])
 @pytest.mark.parametrize("k", [0, 2, 4])

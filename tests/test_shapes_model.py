@@ -10,10 +10,37 @@ import torch
 from flowdppo.models.base import FlowModel
 from flowdppo.models.shapes_model import ASSET_DIR, ShapesFlowModel, tokenize
 
-VOCAB = ["a", "an", "one", "two", "three", "red", "blue", "green", "circle", "circles", "square", "triangle",
-         "to", "the", "left", "right", "of", "above", "below"]
-TINY = {"num_layers": 2, "num_heads": 2, "head_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2,
-        "max_tokens": 10, "vocab": VOCAB}
+VOCAB = [
+    "a",
+    "an",
+    "one",
+    "two",
+    "three",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "circles",
+    "square",
+    "triangle",
+    "to",
+    "the",
+    "left",
+    "right",
+    "of",
+    "above",
+    "below",
+]
+TINY = {
+    "num_layers": 2,
+    "num_heads": 2,
+    "head_dim": 8,
+    "text_dim": 16,
+    "text_layers": 1,
+    "text_heads": 2,
+    "max_tokens": 10,
+    "vocab": VOCAB,
+}
 PROMPTS = ["a red circle to the left of a blue square", "three triangles", "", "a purple hexagon"]
 
 
@@ -42,11 +69,12 @@ def test_protocol_shapes_and_dtype():
     assert cond["encoder_hidden_states"].shape == (4, 10, 16) and cond["pooled_projections"].shape == (4, 16)
     v = m.velocity(x.double(), s, cond)
     assert v.shape == (4, 3, 32, 32) and v.dtype == torch.float32 and torch.isfinite(v).all()
-    assert m.decode(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 5, 1, 1).expand(1, 5, 1, 1)).flatten().tolist() \
-        == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert m.decode(
+        torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 5, 1, 1).expand(1, 5, 1, 1)
+    ).flatten().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     sig = m.sigmas(10, "model")
     assert sig.shape == (11,) and sig.dtype == torch.float32 and sig[0] == 1 and sig[-1] == 0
-    assert torch.allclose(sig, torch.linspace(1, 0, 11))                     # default shift 1 = linear
+    assert torch.allclose(sig, torch.linspace(1, 0, 11))  # default shift 1 = linear
     assert torch.allclose(m.sigmas(10, "uniform-shift", shift=3.0)[1], torch.tensor(0.9643), atol=1e-4)
 
 
@@ -54,11 +82,11 @@ def test_text_encoder_padding_and_empty_prompt():
     m = tiny()
     assert tokenize("A red circle, to the LEFT.") == ["a", "red", "circle", "to", "the", "left"]
     ids = m.module.text_encoder.ids(PROMPTS)
-    assert ids[2].eq(0).all()                                                # empty prompt = all padding
-    assert ids[3].tolist()[:3] == [m.module.text_encoder.index["a"], 1, 1]   # unknown words -> [UNK]
+    assert ids[2].eq(0).all()  # empty prompt = all padding
+    assert ids[3].tolist()[:3] == [m.module.text_encoder.index["a"], 1, 1]  # unknown words -> [UNK]
     cond = m.encode_prompts(PROMPTS)
     ehs = cond["encoder_hidden_states"]
-    assert ehs[1, 2:].eq(0).all() and ehs[1, :2].abs().sum() > 0            # pads zeroed
+    assert ehs[1, 2:].eq(0).all() and ehs[1, :2].abs().sum() > 0  # pads zeroed
     assert ehs[2].eq(0).all() and cond["pooled_projections"][2].eq(0).all()  # unconditional = zeros
     # batch composition does not change a prompt's embedding (padding is masked)
     alone = m.encode_prompts(PROMPTS[1:2])
@@ -79,10 +107,15 @@ def test_timestep_is_1000_sigma():
     m.module.transformer.forward = spy
     v = m.velocity(x, s, cond)
     assert torch.allclose(seen["t"], 1000 * s)
-    direct = orig(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"],
-                  pooled_projections=cond["pooled_projections"], timestep=1000 * s, return_dict=False)[0]
+    direct = orig(
+        hidden_states=x,
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"],
+        timestep=1000 * s,
+        return_dict=False,
+    )[0]
     assert torch.equal(v, direct)
-    v2 = m.velocity(x, s[0], cond)                                           # a 0-d sigma broadcasts
+    v2 = m.velocity(x, s[0], cond)  # a 0-d sigma broadcasts
     assert torch.equal(v2[0], m.velocity(x, s[0].expand(4), cond)[0])
 
 
@@ -98,13 +131,13 @@ def test_lora_init_is_identity_and_disable_restores_base():
     assert len(m.trainable_parameters()) == len(names)
     assert any("add_q_proj" in n for n in names) and any("to_add_out" in n for n in names)
     with torch.no_grad():
-        assert torch.equal(m.velocity(x, s, cond), base)                     # B = 0 at init
+        assert torch.equal(m.velocity(x, s, cond), base)  # B = 0 at init
         randomize_lora(m)
         adapted = m.velocity(x, s, cond)
         assert not torch.allclose(adapted, base)
         with m.disable_adapter():
             assert torch.equal(m.velocity(x, s, cond), base)
-        assert torch.equal(m.velocity(x, s, cond), adapted)                  # re-enabled on exit
+        assert torch.equal(m.velocity(x, s, cond), adapted)  # re-enabled on exit
     # gradients reach only the adapter
     m.velocity(x, s, cond).pow(2).mean().backward()
     assert all(p.grad is not None for p in m.trainable_parameters())
@@ -119,7 +152,7 @@ def test_cfg():
     assert "uncond_encoder_hidden_states" in cg and cg.batch_size == 4
     with torch.no_grad():
         v_c = m.velocity(x, s, c1)
-        assert torch.equal(m.velocity(x, s, cg, guidance_scale=1.0), v_c)   # scale 1 = conditional
+        assert torch.equal(m.velocity(x, s, cg, guidance_scale=1.0), v_c)  # scale 1 = conditional
         v_u = m.velocity(x, s, m.encode_prompts([""] * 4))
         v_g = m.velocity(x, s, cg, guidance_scale=4.0)
         assert torch.allclose(v_g, v_u + 4.0 * (v_c - v_u), atol=1e-4)
@@ -163,7 +196,7 @@ def test_full_finetune_reference_and_base_save_load(tmp_path):
     with torch.no_grad():
         base = m.velocity(x, s, cond)
         assert torch.equal(ShapesFlowModel.from_pretrained(tmp_path / "base").velocity(x, s, cond), base)
-    assert len(m.trainable_parameters()) == len(list(m.module.parameters()))   # no adapter: everything
+    assert len(m.trainable_parameters()) == len(list(m.module.parameters()))  # no adapter: everything
     m.enable_full_finetune()
     assert all(not p.requires_grad for p in m.module.text_encoder.parameters())
     with torch.no_grad():
@@ -180,8 +213,20 @@ def test_pretrain_smoke(tmp_path):
 
     tiny_cfg = {k: v for k, v in TINY.items() if k != "vocab"}
     out = tmp_path / "model"
-    res = pretrain(out, steps=20, batch_size=8, lr=1e-3, seed=0, model_config=tiny_cfg, ckpt_dir=tmp_path / "ckpt",
-                   ckpt_every=10, threads=None, eval_samples_per_prompt=1, grid=False, progress=False)
+    res = pretrain(
+        out,
+        steps=20,
+        batch_size=8,
+        lr=1e-3,
+        seed=0,
+        model_config=tiny_cfg,
+        ckpt_dir=tmp_path / "ckpt",
+        ckpt_every=10,
+        threads=None,
+        eval_samples_per_prompt=1,
+        grid=False,
+        progress=False,
+    )
     assert res["steps"] == 20 and 0.0 <= res["eval"][1.0]["overall"] <= 1.0
     assert (tmp_path / "ckpt" / "step_0000010" / "model.safetensors").exists()
     m = ShapesFlowModel.from_pretrained(out)
@@ -189,8 +234,19 @@ def test_pretrain_smoke(tmp_path):
     v = m.velocity(x, s, m.encode_prompts(["three triangles", "a red circle"]))
     assert v.shape == (2, 3, 32, 32) and torch.isfinite(v).all()
     # resume continues from last.pt
-    res2 = pretrain(out, steps=25, batch_size=8, seed=0, model_config=tiny_cfg, ckpt_dir=tmp_path / "ckpt",
-                    resume=True, threads=None, eval_samples_per_prompt=1, grid=False, progress=False)
+    res2 = pretrain(
+        out,
+        steps=25,
+        batch_size=8,
+        seed=0,
+        model_config=tiny_cfg,
+        ckpt_dir=tmp_path / "ckpt",
+        resume=True,
+        threads=None,
+        eval_samples_per_prompt=1,
+        grid=False,
+        progress=False,
+    )
     assert res2["steps"] == 25
 
 

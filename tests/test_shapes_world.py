@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from flowdppo.worlds import shapes as S
-from flowdppo.worlds.shapes import Prompt, Scene, SceneObject as O
+from flowdppo.worlds.shapes import Prompt, Scene
+from flowdppo.worlds.shapes import SceneObject as O
 
-ALL_POOLS = [(c, "train") for c in S.CATEGORIES] + [(c, "eval") for c in S.CATEGORIES] + \
-            [(c, "ood") for c in S.OOD_CATEGORIES]
+ALL_POOLS = (
+    [(c, "train") for c in S.CATEGORIES] + [(c, "eval") for c in S.CATEGORIES] + [(c, "ood") for c in S.OOD_CATEGORIES]
+)
 BG = np.asarray(S.BACKGROUND)
 
 
@@ -34,8 +36,8 @@ def blur(x: np.ndarray, sigma: float) -> np.ndarray:
     k /= k.sum()
     p = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="edge")
     h, w = x.shape[1:3]
-    x = sum(k[i] * p[:, i:i + h, :] for i in range(7))
-    return sum(k[i] * x[:, :, i:i + w] for i in range(7))
+    x = sum(k[i] * p[:, i : i + h, :] for i in range(7))
+    return sum(k[i] * x[:, :, i : i + w] for i in range(7))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_scene_for_prompt_layout(gt):
         for o, c in zip(sc.objects, p.colors * (n if p.count else 1)):
             assert c is None or o.color == c
             assert o.cx - o.size >= 1 and o.cx + o.size <= 31 and o.cy - o.size >= 1 and o.cy + o.size <= 31
-        for a, b in itertools.combinations(sc.objects, 2):   # bounding boxes >= 2 px apart
+        for a, b in itertools.combinations(sc.objects, 2):  # bounding boxes >= 2 px apart
             assert abs(a.cx - b.cx) >= a.size + b.size + 2 or abs(a.cy - b.cy) >= a.size + b.size + 2
 
 
@@ -99,7 +101,7 @@ def test_ground_truth_scores_one(gt):
 def test_ground_truth_mild_blur_and_fading(gt):
     prompts, _, images = gt
     blurred = _accuracy(prompts, blur(images, 0.7))
-    faded = _accuracy(prompts, (BG + 0.7 * (images - BG)).astype(np.float32))   # colours 70% of the way
+    faded = _accuracy(prompts, (BG + 0.7 * (images - BG)).astype(np.float32))  # colours 70% of the way
     print(f"ground truth strict accuracy: blur 0.7 px {blurred:.4f}, faded 0.7 {faded:.4f}")
     assert blurred >= 0.98 and faded >= 0.99
 
@@ -115,7 +117,6 @@ def test_detections_match_scene(gt):
             assert abs(d.cx - o.cx) < 0.5 and abs(d.cy - o.cy) < 0.5 and abs(d.size - o.size) < 0.5
 
 
-
 def test_drawing_quality_is_high_on_clean_scenes_and_drops_with_degradation(gt):
     prompts, _, images = gt
     clean = [S.score(p, im) for p, im in zip(prompts[:60], images[:60])]
@@ -125,7 +126,9 @@ def test_drawing_quality_is_high_on_clean_scenes_and_drops_with_degradation(gt):
     rough = [S.score(p, im) for p, im in zip(prompts[:60], blur(images[:60], 1.5))]
     assert np.mean([s.quality for s in rough]) < np.mean([s.quality for s in clean]) - 0.05
     assert S.score("a circle", blank()).quality == 0.0
-    merged = S.score("a circle", S.render(Scene((O("circle", "red", 14.5, 16.0, 5.0), O("circle", "red", 17.5, 16.0, 5.0)))))
+    merged = S.score(
+        "a circle", S.render(Scene((O("circle", "red", 14.5, 16.0, 5.0), O("circle", "red", 17.5, 16.0, 5.0))))
+    )
     assert merged.quality < min(s.quality for s in clean)
 
 
@@ -159,8 +162,13 @@ def test_merged_objects_are_unrecognised():
 
 def test_noise_empty_and_full_images_score_zero():
     rng = np.random.default_rng(0)
-    images = {"uniform": rng.uniform(0, 1, (32, 32, 3)), "gauss": np.clip(BG + rng.normal(0, 0.3, (32, 32, 3)), 0, 1),
-              "empty": blank(), "black": np.zeros((32, 32, 3)), "red": np.broadcast_to(S.COLORS["red"], (32, 32, 3))}
+    images = {
+        "uniform": rng.uniform(0, 1, (32, 32, 3)),
+        "gauss": np.clip(BG + rng.normal(0, 0.3, (32, 32, 3)), 0, 1),
+        "empty": blank(),
+        "black": np.zeros((32, 32, 3)),
+        "red": np.broadcast_to(S.COLORS["red"], (32, 32, 3)),
+    }
     prompts = [p for c, sp in ALL_POOLS for p in S.prompt_pool(c, sp)]
     for name, img in images.items():
         scores = S.score_batch(prompts, np.repeat(np.asarray(img, np.float32)[None], len(prompts), 0))
@@ -174,18 +182,18 @@ def test_wrong_scenes_score_zero():
     c, q = O("circle", "red", 8.0, 16.0, 5.0), O("square", "blue", 24.0, 16.0, 5.0)
     t = O("triangle", "yellow", 16.0, 26.0, 4.5)
     assert strict("a circle to the left of a square", c, q) == 1
-    assert strict("a circle to the right of a square", c, q) == 0            # swapped position
+    assert strict("a circle to the right of a square", c, q) == 0  # swapped position
     assert strict("a square to the left of a circle", c, q) == 0
-    assert strict("a circle above a square", c, q) == 0                      # horizontal pair: no vertical relation
+    assert strict("a circle above a square", c, q) == 0  # horizontal pair: no vertical relation
     assert strict("a triangle below a circle", c, t) == 1 and strict("a triangle above a circle", c, t) == 0
     assert strict("a red circle and a blue square", c, q) == 1
-    assert strict("a blue circle and a red square", c, q) == 0               # colours swapped
-    assert strict("a green circle", c) == 0 and strict("a red circle", c) == 1   # wrong colour
-    assert strict("a circle and a triangle", c, q) == 0                      # missing object
+    assert strict("a blue circle and a red square", c, q) == 0  # colours swapped
+    assert strict("a green circle", c) == 0 and strict("a red circle", c) == 1  # wrong colour
+    assert strict("a circle and a triangle", c, q) == 0  # missing object
     assert strict("a triangle", c, q) == 0
     tri = [O("triangle", "green", x, y, 4.5) for x, y in ((7, 7), (24, 7), (7, 24))]
     assert strict("three triangles", *tri) == 1
-    assert strict("two triangles", *tri) == 0 and strict("four triangles", *tri) == 0   # wrong count
+    assert strict("two triangles", *tri) == 0 and strict("four triangles", *tri) == 0  # wrong count
     assert strict("three green triangles", *tri) == 1 and strict("three red triangles", *tri) == 0
     assert strict("two green triangles", *tri[:2], O("triangle", "red", 7.0, 24.0, 4.5)) == 1
     # unnamed extra objects of another shape are allowed (GenEval counts only the named class)
@@ -213,22 +221,27 @@ def test_soft_is_fraction_of_atoms():
     assert (s.strict, s.soft) == (1.0, 1.0)
     s = S.score("two circles", img)
     assert s.atoms == {"count(circle)=2": False, "recognised": True} and s.soft == 0.5
-    assert S.score("a square", blank()).soft == 0.5           # only "recognised" holds
+    assert S.score("a square", blank()).soft == 0.5  # only "recognised" holds
 
 
 def test_relation_holds_geneval_style():
     a, b = (8.0, 16.0, 4.0), (24.0, 16.0, 4.0)
     assert S.relation_holds(a, b, "left") and S.relation_holds(b, a, "right")
     assert not S.relation_holds(a, b, "right") and not S.relation_holds(a, b, "above")
-    assert not S.relation_holds((15.0, 16.0, 5.0), (16.0, 16.0, 5.0), "left")   # within the margin
-    assert S.relation_holds((10.0, 10.0, 4.0), (20.0, 20.0, 4.0), "left") and \
-        S.relation_holds((10.0, 10.0, 4.0), (20.0, 20.0, 4.0), "above")          # diagonal: both, as GenEval
+    assert not S.relation_holds((15.0, 16.0, 5.0), (16.0, 16.0, 5.0), "left")  # within the margin
+    assert S.relation_holds((10.0, 10.0, 4.0), (20.0, 20.0, 4.0), "left") and S.relation_holds(
+        (10.0, 10.0, 4.0), (20.0, 20.0, 4.0), "above"
+    )  # diagonal: both, as GenEval
 
 
 def test_score_batch_layouts():
     prompts = ["a red circle", "two squares"]
-    imgs = np.stack([S.render(Scene((O("circle", "red", 16.0, 16.0, 6.0),))),
-                     S.render(Scene((O("square", "red", 8.0, 8.0, 5.0), O("square", "green", 22.0, 22.0, 5.0))))])
+    imgs = np.stack(
+        [
+            S.render(Scene((O("circle", "red", 16.0, 16.0, 6.0),))),
+            S.render(Scene((O("square", "red", 8.0, 8.0, 5.0), O("square", "green", 22.0, 22.0, 5.0)))),
+        ]
+    )
     ref = [S.score(p, im) for p, im in zip(prompts, imgs)]
     assert [s.strict for s in ref] == [1.0, 1.0]
     for batch in (imgs, imgs.transpose(0, 3, 1, 2), torch.from_numpy(imgs).permute(0, 3, 1, 2)):
@@ -256,9 +269,15 @@ def test_parse_prompt_roundtrip():
 
 
 def test_one_example_per_category():
-    examples = {"single_object": "a circle", "two_object": "a circle and a square", "counting": "one circle",
-                "colors": "a blue triangle", "position": "a circle to the left of a square",
-                "color_attr": "a red circle and a blue triangle", "count_color": "two red squares"}
+    examples = {
+        "single_object": "a circle",
+        "two_object": "a circle and a square",
+        "counting": "one circle",
+        "colors": "a blue triangle",
+        "position": "a circle to the left of a square",
+        "color_attr": "a red circle and a blue triangle",
+        "count_color": "two red squares",
+    }
     for cat, text in examples.items():
         assert S.parse_prompt(text).category == cat
 
@@ -269,13 +288,13 @@ def test_splits_disjoint_and_ood_unseen():
     for c in S.CATEGORIES:
         tr, ev = {p.text for p in S.prompt_pool(c, "train")}, {p.text for p in S.prompt_pool(c, "eval")}
         assert tr and ev
-        if c in ("single_object", "two_object"):   # too few strings to split: shared, by design
+        if c in ("single_object", "two_object"):  # too few strings to split: shared, by design
             assert tr == ev
         else:
             assert not tr & ev
     evals = {p.text for c in S.CATEGORIES for p in S.prompt_pool(c, "eval")}
     assert not ood & train and not ood & evals
-    for p in (p for c in S.CATEGORIES for p in S.prompt_pool(c, "train")):   # held-out pairs never named in training
+    for p in (p for c in S.CATEGORIES for p in S.prompt_pool(c, "train")):  # held-out pairs never named in training
         assert not any((col, sh) in S.HELDOUT_PAIRS for sh, col in zip(p.shapes, p.colors))
     with pytest.raises(ValueError):
         S.sample_prompt(np.random.default_rng(0), "counting", "ood")
@@ -289,7 +308,7 @@ def test_prompt_sets_deterministic_and_balanced():
     for split, cats in (("train", S.CATEGORIES), ("eval", S.CATEGORIES), ("ood", S.OOD_CATEGORIES)):
         pool = {p for cat in cats for p in S.prompt_pool(cat, split)}
         assert set(a[split]) <= pool
-        first = [p.category for p in a[split][:len(cats) * 4]]
+        first = [p.category for p in a[split][: len(cats) * 4]]
         assert all(first.count(cat) == 4 for cat in cats)
 
 

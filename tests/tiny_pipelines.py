@@ -19,8 +19,8 @@ import string
 import torch
 
 CHARS = list(string.ascii_lowercase + string.digits + ".,!?'-")
-CLIP_MAX_LEN = 16   # tokens of the tiny CLIP tokenizers (SD3 and FLUX use tokenizer.model_max_length)
-IMAGE_SIZE = 32     # pixels
+CLIP_MAX_LEN = 16  # tokens of the tiny CLIP tokenizers (SD3 and FLUX use tokenizer.model_max_length)
+IMAGE_SIZE = 32  # pixels
 LATENT_CHANNELS = 4
 
 
@@ -47,28 +47,62 @@ def t5_tokenizer():
 def _clip_config(hidden: int, projection: int, vocab_size: int):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=2 * hidden,
-                          layer_norm_eps=1e-5, num_attention_heads=2, num_hidden_layers=2, vocab_size=vocab_size,
-                          max_position_embeddings=CLIP_MAX_LEN, projection_dim=projection, hidden_act="gelu")
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        layer_norm_eps=1e-5,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=CLIP_MAX_LEN,
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
 
 
 def _t5_encoder(d_model: int, vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0,
-                                   eos_token_id=1, decoder_start_token_id=0))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def _vae(shift_factor: float, scaling_factor: float):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=IMAGE_SIZE,
-                         shift_factor=shift_factor, scaling_factor=scaling_factor,
-                         use_quant_conv=False, use_post_quant_conv=False)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def tiny_sd3_pipeline(seed: int = 0, dynamic_shift: bool = False):
@@ -81,23 +115,41 @@ def tiny_sd3_pipeline(seed: int = 0, dynamic_shift: bool = False):
 
     torch.manual_seed(seed)
     tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
-    clip_dim, t5_dim = 16, 48   # CLIP hidden states (2 x 16) are zero-padded to the T5 width, as in SD3
+    clip_dim, t5_dim = 16, 48  # CLIP hidden states (2 x 16) are zero-padded to the T5 width, as in SD3
     text_encoder = CLIPTextModelWithProjection(_clip_config(clip_dim, 16, len(tok)))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_dim, 16, len(tok)))
     text_encoder_3 = _t5_encoder(t5_dim, len(tok_t5))
     transformer = SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_dim,
-        caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16, qk_norm="rms_norm",
-        dual_attention_layers=(0,))
+        sample_size=IMAGE_SIZE // 2,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+    )
     sched_kwargs = dict(num_train_timesteps=1000, shift=3.0)
     if dynamic_shift:
-        sched_kwargs.update(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
-                            base_shift=0.5, max_shift=1.16)
+        sched_kwargs.update(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.16
+        )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**sched_kwargs),
-        vae=_vae(0.0609, 1.5305), text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer(), text_encoder_3=text_encoder_3, tokenizer_3=tok_t5)
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**sched_kwargs),
+        vae=_vae(0.0609, 1.5305),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_t5,
+    )
 
 
 def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
@@ -112,20 +164,42 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     text_encoder = CLIPTextModel(_clip_config(clip_dim, clip_dim, len(tok)))
     text_encoder_2 = _t5_encoder(t5_dim, len(tok_t5))
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=t5_dim, pooled_projection_dim=clip_dim,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                                                max_shift=1.15)
-    return FluxPipeline(scheduler=scheduler, vae=_vae(0.1159, 0.3611), text_encoder=text_encoder, tokenizer=tok,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tok_t5, transformer=transformer)
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(0.1159, 0.3611),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tok_t5,
+        transformer=transformer,
+    )
 
 
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
-    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 
 
 def qwen_tokenizer():
@@ -136,8 +210,14 @@ def qwen_tokenizer():
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     for ch in sorted(ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
-    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, pad_token="<|endoftext|>",
-                             eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok = Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
 
@@ -148,32 +228,75 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     The Qwen3 text encoder has 27 layers so that the pipeline's default hidden-state layers (9, 18, 27)
     exist; the VAE's batch-norm statistics are randomised so decoding exercises them.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
     hidden = 16
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=27,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-        tie_word_embeddings=True, pad_token_id=0))
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
+    )
     transformer = Flux2Transformer2DModel(
-        in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=32, mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                             latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=IMAGE_SIZE,
-                             use_quant_conv=False, use_post_quant_conv=False)
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.3)
         vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                                                max_shift=1.15, time_shift_type="exponential")
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                              transformer=transformer, is_distilled=is_distilled)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        time_shift_type="exponential",
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
 
 
 def save_tiny_pipeline(family: str, directory: str, **kwargs) -> str:

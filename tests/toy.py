@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from flowdppo.models.base import Cond, peft_adapter_disabled
 from flowdppo.core.sde import uniform_shift_sigmas
+from flowdppo.models.base import Cond, peft_adapter_disabled
 
 
 class _Net(nn.Module):
@@ -66,7 +66,9 @@ class ToyModel:
 
     def save_adapter(self, directory):
         import os
+
         from safetensors.torch import save_file
+
         os.makedirs(directory, exist_ok=True)
         save_file(self.adapter_state_dict(), os.path.join(directory, "adapter.safetensors"))
 

@@ -1,13 +1,13 @@
 """The ``flowdppo`` command line.
 
-    flowdppo train [--config FILE] [--preset NAME] [--set key=value ...] [--name NAME] [--overwrite]
-    flowdppo train --resume runs/<name> [--set train.iterations=N ...]
-    flowdppo pretrain ...        # the embedded shapes model (flowdppo.tools.pretrain)
-    flowdppo sample ...          # images from a base model plus an adapter (flowdppo.tools.sample)
-    flowdppo report runs/<name>  # rebuild a run's report.md and plots
-    flowdppo presets             # list the presets and what they set
-    flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
-    flowdppo reward-server       # serve a reward over HTTP (reward.name=http on the trainer side)
+flowdppo train [--config FILE] [--preset NAME] [--set key=value ...] [--name NAME] [--overwrite]
+flowdppo train --resume runs/<name> [--set train.iterations=N ...]
+flowdppo pretrain ...        # the embedded shapes model (flowdppo.tools.pretrain)
+flowdppo sample ...          # images from a base model plus an adapter (flowdppo.tools.sample)
+flowdppo report runs/<name>  # rebuild a run's report.md and plots
+flowdppo presets             # list the presets and what they set
+flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
+flowdppo reward-server       # serve a reward over HTTP (reward.name=http on the trainer side)
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from flowdppo.report import write_report
+
     print(write_report(args.run_dir))
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
     from flowdppo.config import PRESETS
+
     print(yaml.safe_dump(PRESETS, sort_keys=False))
     return 0
 
@@ -61,18 +63,23 @@ def _delegate(module: str):
     def run(args: argparse.Namespace) -> int:
         mod = importlib.import_module(module)
         return mod.main(args.rest) or 0
+
     return run
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="flowdppo", description="Online RL for flow-matching image generators (Flow-DPPO).")
+    p = argparse.ArgumentParser(
+        prog="flowdppo", description="Online RL for flow-matching image generators (Flow-DPPO)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with a preset / config (default: Flow-DPPO on the embedded shapes world)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--preset", help="flow-dppo (default), flow-dppo-cps, flow-grpo, flow-cps, grpo-guard")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4"
+    )
     t.add_argument("--name", help="run name (runs/<name>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory of that name")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -85,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=_presets)
 
-    for name, module, help_ in [("pretrain", "flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
-                                ("sample", "flowdppo.tools.sample", "sample images from a model (+ adapter)"),
-                                ("bench", "flowdppo.tools.bench", "benchmarks (losses)"),
-                                ("bench-real", "flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
-                                ("reward-server", "flowdppo.rewards.http", "serve a reward over HTTP")]:
+    for name, module, help_ in [
+        ("pretrain", "flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
+        ("sample", "flowdppo.tools.sample", "sample images from a model (+ adapter)"),
+        ("bench", "flowdppo.tools.bench", "benchmarks (losses)"),
+        ("bench-real", "flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
+        ("reward-server", "flowdppo.rewards.http", "serve a reward over HTTP"),
+    ]:
         d = sub.add_parser(name, help=help_, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=_delegate(module))

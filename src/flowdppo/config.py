@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -27,31 +28,41 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: Literal["shapes", "sd3", "flux"] = "shapes"
-    path: str | None = None                 # local diffusers folder or hub id; None = the shipped shapes model
-    lora: bool = True                       # False = full fine-tuning
+    path: str | None = None  # local diffusers folder or hub id; None = the shipped shapes model
+    lora: bool = True  # False = full fine-tuning
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    lora_targets: list[str] = field(
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ]
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     gradient_checkpointing: bool = False
-    resolution: int = 512                   # real models: image side in pixels (the shapes model is 32)
-    max_sequence_length: int = 256          # real models: text tokens
+    resolution: int = 512  # real models: image side in pixels (the shapes model is 32)
+    max_sequence_length: int = 256  # real models: text tokens
 
 
 @dataclass
 class SamplingConfig:
     num_steps: int = 10
-    schedule: Literal["diffusers", "uniform-shift", "model"] = "model"   # "model": the family's default
-    shift: float = 3.0                      # schedule=uniform-shift only (the trainer builds it; "model" = the family's own)
+    schedule: Literal["diffusers", "uniform-shift", "model"] = "model"  # "model": the family's default
+    shift: float = 3.0  # schedule=uniform-shift only (the trainer builds it; "model" = the family's own)
     sampler: Literal["flow-sde", "cps", "dance", "ode"] = "flow-sde"
     eta: float = 0.7
     guidance_scale: float = 1.0
-    same_initial_noise: bool = False        # a group shares its initial noise (DanceGRPO / MixGRPO init_same_noise)
+    same_initial_noise: bool = False  # a group shares its initial noise (DanceGRPO / MixGRPO init_same_noise)
     logprob_reduction: Literal["mean", "sum"] = "mean"
     cps_logprob: Literal["gaussian", "unnormalized"] = "gaussian"
-    replay_tolerance: float = 1e-3          # warn when |replay log-prob - rollout log-prob| exceeds this
+    replay_tolerance: float = 1e-3  # warn when |replay log-prob - rollout log-prob| exceeds this
 
 
 @dataclass
@@ -67,13 +78,13 @@ class StepsConfig:
 @dataclass
 class AlgorithmConfig:
     loss: Literal["flow-dppo", "clip", "grpo-guard", "dppo-symmetric", "unclipped"] = "flow-dppo"
-    delta: float = 1e-5                     # Flow-DPPO KL threshold (mean-reduced KL)
-    clip_eps: float = 1e-4                  # PPO clip range (Flow-GRPO 1e-4, GRPO-Guard 4e-6)
-    adv_clip: float | None = 5.0            # advantage clip of the clip losses (Flow-DPPO never clips)
-    beta: float = 0.0                       # weight of KL to the reference policy
+    delta: float = 1e-5  # Flow-DPPO KL threshold (mean-reduced KL)
+    clip_eps: float = 1e-4  # PPO clip range (Flow-GRPO 1e-4, GRPO-Guard 4e-6)
+    adv_clip: float | None = 5.0  # advantage clip of the clip losses (Flow-DPPO never clips)
+    beta: float = 0.0  # weight of KL to the reference policy
     advantage_std: Literal["global", "group"] = "global"
     advantage_clip: float | None = None
-    stat_tracker: bool = False              # per-prompt statistics across iterations
+    stat_tracker: bool = False  # per-prompt statistics across iterations
     multi_reward: Literal["sum", "gdpo"] = "sum"
 
 
@@ -81,28 +92,28 @@ class AlgorithmConfig:
 class RewardConfig:
     name: Literal["shapes", "http"] = "shapes"
     weights: dict[str, float] = field(default_factory=lambda: {"strict": 1.0, "soft": 1.0, "quality": 2.0})
-    url: str | None = None                  # http reward server
+    url: str | None = None  # http reward server
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 280                   # the demo: ~12 min on 2 CPU cores with the shipped shapes model
+    iterations: int = 280  # the demo: ~12 min on 2 CPU cores with the shipped shapes model
     prompts_per_iter: int = 8
     group_size: int = 16
     inner_epochs: int = 1
-    minibatch_size: int = 64                # samples per optimizer step
-    micro_batch_size: int = 64              # samples per forward/backward
-    rollout_batch_size: int = 128           # samples per rollout forward
-    lr: float = 3e-4                        # the paper's; 1e-3 and above drift on the shapes model (docs/shapes-demo.md)
+    minibatch_size: int = 64  # samples per optimizer step
+    micro_batch_size: int = 64  # samples per forward/backward
+    rollout_batch_size: int = 128  # samples per rollout forward
+    lr: float = 3e-4  # the paper's; 1e-3 and above drift on the shapes model (docs/shapes-demo.md)
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 0
     prompt_split: str = "train"
-    prompts_file: str | None = None        # one prompt a line (real models); None = the shapes world's train set
-    log_ref_kl: bool = True                 # measure KL to the reference at the anchor every iteration
-    trajectories_on_cpu: bool = False       # keep stored trajectories on the CPU until trained on
+    prompts_file: str | None = None  # one prompt a line (real models); None = the shapes world's train set
+    log_ref_kl: bool = True  # measure KL to the reference at the anchor every iteration
+    trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
     # fsdp2 = fully_shard (full fine-tuning); deepspeed = ZeRO-2 via accelerate. Ignored in one process.
     sharding: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
@@ -110,14 +121,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 40                         # iterations; 0 = only before and after training
-    num_prompts: int = 96                   # per set
-    samples_per_prompt: int = 4             # fixed-noise samples of each evaluation prompt
+    every: int = 40  # iterations; 0 = only before and after training
+    num_prompts: int = 96  # per set
+    samples_per_prompt: int = 4  # fixed-noise samples of each evaluation prompt
     sets: list[str] = field(default_factory=lambda: ["eval", "ood"])
-    grid_prompts: int = 8                   # image grids before/after
-    prompts_file: str | None = None         # real models: evaluation prompts (scored by the training reward)
-    seed: int = 1234                        # evaluation noise: the same images before and after training
-    ratio_noise_every: int = 20             # iterations between live ratio-noise measurements (0 = never)
+    grid_prompts: int = 8  # image grids before/after
+    prompts_file: str | None = None  # real models: evaluation prompts (scored by the training reward)
+    seed: int = 1234  # evaluation noise: the same images before and after training
+    ratio_noise_every: int = 20  # iterations between live ratio-noise measurements (0 = never)
     ratio_noise_samples: int = 32
 
 
@@ -158,7 +169,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "flow-dppo-cps": {"sampling": {"sampler": "cps", "eta": 0.8}, "algorithm": {"loss": "flow-dppo", "delta": 1e-5}},
     "flow-grpo": {"sampling": {"sampler": "flow-sde", "eta": 0.7}, "algorithm": {"loss": "clip", "clip_eps": 1e-4}},
     "flow-cps": {"sampling": {"sampler": "cps", "eta": 0.8}, "algorithm": {"loss": "clip", "clip_eps": 1e-4}},
-    "grpo-guard": {"sampling": {"sampler": "flow-sde", "eta": 0.7}, "algorithm": {"loss": "grpo-guard", "clip_eps": 4e-6}},
+    "grpo-guard": {
+        "sampling": {"sampler": "flow-sde", "eta": 0.7},
+        "algorithm": {"loss": "grpo-guard", "clip_eps": 4e-6},
+    },
 }
 
 
@@ -201,7 +215,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
+        ):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -228,8 +244,10 @@ def _build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"unknown key {(where + '.') if where else ''}{unknown[0]}; valid keys"
-                          f"{' of ' + where if where else ''}: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown key {(where + '.') if where else ''}{unknown[0]}; valid keys"
+            f"{' of ' + where if where else ''}: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -263,11 +281,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a single field's type cannot express."""
     t, s = cfg.train, cfg.sampling
-    positive = {"train.iterations": t.iterations, "train.prompts_per_iter": t.prompts_per_iter,
-                "train.group_size": t.group_size, "train.inner_epochs": t.inner_epochs,
-                "train.minibatch_size": t.minibatch_size, "train.micro_batch_size": t.micro_batch_size,
-                "train.rollout_batch_size": t.rollout_batch_size, "sampling.num_steps": s.num_steps,
-                "eval.samples_per_prompt": cfg.eval.samples_per_prompt}
+    positive = {
+        "train.iterations": t.iterations,
+        "train.prompts_per_iter": t.prompts_per_iter,
+        "train.group_size": t.group_size,
+        "train.inner_epochs": t.inner_epochs,
+        "train.minibatch_size": t.minibatch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.rollout_batch_size": t.rollout_batch_size,
+        "sampling.num_steps": s.num_steps,
+        "eval.samples_per_prompt": cfg.eval.samples_per_prompt,
+    }
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be >= 1, got {v}")
@@ -280,13 +304,20 @@ def validate(cfg: Config) -> Config:
     if s.sampler == "ode" or s.eta == 0:
         raise ConfigError("RL needs stochastic steps: sampling.sampler must not be 'ode' and sampling.eta must be > 0")
     if t.micro_batch_size > t.minibatch_size:
-        raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.minibatch_size ({t.minibatch_size})")
+        raise ConfigError(
+            f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.minibatch_size ({t.minibatch_size})"
+        )
     if t.minibatch_size % t.micro_batch_size:
-        raise ConfigError(f"train.minibatch_size ({t.minibatch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+        raise ConfigError(
+            f"train.minibatch_size ({t.minibatch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
     total = t.prompts_per_iter * t.group_size
     if total % t.minibatch_size:
-        raise ConfigError(f"the rollout batch prompts_per_iter*group_size = {total} must be a multiple of "
-                          f"train.minibatch_size ({t.minibatch_size})")
+        raise ConfigError(
+            f"the rollout batch prompts_per_iter*group_size = {total} must be a multiple of "
+            f"train.minibatch_size ({t.minibatch_size})"
+        )
     if cfg.algorithm.delta < 0 or cfg.algorithm.clip_eps <= 0 or cfg.algorithm.beta < 0:
         raise ConfigError("algorithm.delta and algorithm.beta must be >= 0, algorithm.clip_eps > 0")
     if not cfg.reward.weights:
@@ -297,6 +328,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
     # the step window must hold enough steps
     from flowdppo.core.steps import StepSelection
+
     try:
         sel = StepSelection(**asdict(cfg.steps))
         pool = sel.pool(s.num_steps)
@@ -336,6 +368,7 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: l
 def load_run_config(run_dir: str, overrides: list[str] | None = None) -> Config:
     """A run's resolved ``config.yaml`` with ``--set`` overrides (for ``--resume``), validated."""
     import os
+
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} is not a flowdppo run directory (no config.yaml)")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def save_image_grid(images: torch.Tensor, prompts: Sequence[str], n_cols: int, path: Path, scale: int = 4) -> None:
     """``images`` ``[R*n_cols, 3, H, W]`` in [0, 1] -> a labelled PNG, one row per prompt."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -60,6 +61,7 @@ def _save(fig, run_dir: Path, name: str, title: str, figs: list[tuple[str, str]]
 def write_report(run_dir: str | Path) -> Path:
     """Write ``plots.png``-style figures and ``report.md`` into ``run_dir``; returns the report path."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -93,9 +95,15 @@ def write_report(run_dir: str | Path) -> Path:
     ax[0].set_xlabel("iteration")
     ax[0].legend(fontsize=8)
     ax[0].set_title("divergences")
-    for k, lab in [("masked_frac", "masked (Flow-DPPO)"), ("masked_pos_adv_frac", "masked, A>0"),
-                   ("masked_neg_adv_frac", "masked, A<0"), ("clip_frac", "clipped"), ("clip_high_frac", "clipped, r>1+eps"),
-                   ("clip_low_frac", "clipped, r<1-eps"), ("kl_above_delta_frac", "D > delta")]:
+    for k, lab in [
+        ("masked_frac", "masked (Flow-DPPO)"),
+        ("masked_pos_adv_frac", "masked, A>0"),
+        ("masked_neg_adv_frac", "masked, A<0"),
+        ("clip_frac", "clipped"),
+        ("clip_high_frac", "clipped, r>1+eps"),
+        ("clip_low_frac", "clipped, r<1-eps"),
+        ("kl_above_delta_frac", "D > delta"),
+    ]:
         if any(k in m for m in metrics):
             _plot(ax[1], its, [m.get(k, np.nan) for m in metrics], lab)
     ax[1].set_title("trust region activity")
@@ -125,11 +133,21 @@ def write_report(run_dir: str | Path) -> Path:
             pre = f"ratio_noise/step{st}/"
             rows = [m for m in noise if pre + "log_r_std" in m]
             xs = [m["iteration"] for m in rows]
-            line, = ax[0].plot(xs, [m[pre + "log_r_std"] for m in rows], "o-", label=f"step {st} measured")
-            ax[0].plot(xs, [m[pre + "log_r_std_pred"] for m in rows], "--", color=line.get_color(),
-                       label=f"step {st} sqrt(2 KL)")
-            ax[1].plot(xs, [m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"] for m in rows],
-                       "o-", color=line.get_color(), label=f"step {st}")
+            (line,) = ax[0].plot(xs, [m[pre + "log_r_std"] for m in rows], "o-", label=f"step {st} measured")
+            ax[0].plot(
+                xs,
+                [m[pre + "log_r_std_pred"] for m in rows],
+                "--",
+                color=line.get_color(),
+                label=f"step {st} sqrt(2 KL)",
+            )
+            ax[1].plot(
+                xs,
+                [m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"] for m in rows],
+                "o-",
+                color=line.get_color(),
+                label=f"step {st}",
+            )
         ax[0].set_title("std of the exact log-ratio after the update")
         ax[0].set_xlabel("iteration")
         ax[0].legend(fontsize=7)
@@ -142,19 +160,34 @@ def write_report(run_dir: str | Path) -> Path:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists():
         import yaml
+
         cfg = yaml.safe_load(cfg_path.read_text())
-        lines += [f"Preset `{cfg.get('preset')}`: sampler `{cfg['sampling']['sampler']}` (eta {cfg['sampling']['eta']}), "
-                  f"loss `{cfg['algorithm']['loss']}` (delta {cfg['algorithm']['delta']}, clip {cfg['algorithm']['clip_eps']}, "
-                  f"beta {cfg['algorithm']['beta']}), {cfg['train']['prompts_per_iter']} prompts x {cfg['train']['group_size']} "
-                  f"samples per iteration, {cfg['train']['iterations']} iterations. Full config: `config.yaml`.", ""]
+        lines += [
+            f"Preset `{cfg.get('preset')}`: sampler `{cfg['sampling']['sampler']}` (eta {cfg['sampling']['eta']}), "
+            f"loss `{cfg['algorithm']['loss']}` (delta {cfg['algorithm']['delta']}, "
+            f"clip {cfg['algorithm']['clip_eps']}, "
+            f"beta {cfg['algorithm']['beta']}), {cfg['train']['prompts_per_iter']} prompts x "
+            f"{cfg['train']['group_size']} "
+            f"samples per iteration, {cfg['train']['iterations']} iterations. Full config: `config.yaml`.",
+            "",
+        ]
     if metrics:
         secs = sum(v for m in metrics for k, v in m.items() if k.startswith("time/"))
-        lines += [f"{len(metrics)} iterations logged; {secs / 60:.1f} min in rollout, reward, anchor, training and evaluation.", ""]
+        lines += [
+            f"{len(metrics)} iterations logged; {secs / 60:.1f} min in rollout, reward, anchor, training "
+            "and evaluation.",
+            "",
+        ]
     if evals:
         first, last = evals[0], evals[-1]
         keys = sorted(k for k in first if k.startswith("eval/"))
-        lines += ["## Evaluation", "", f"| metric | before (iteration {first['iteration'] + 1}) | after (iteration {last['iteration'] + 1}) | change |",
-                  "|---|---|---|---|"]
+        lines += [
+            "## Evaluation",
+            "",
+            f"| metric | before (iteration {first['iteration'] + 1}) "
+            f"| after (iteration {last['iteration'] + 1}) | change |",
+            "|---|---|---|---|",
+        ]
         for k in keys:
             a, b = first.get(k), last.get(k)
             if a is None or b is None:
@@ -165,7 +198,14 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"## {title}", "", f"![{title}]({fn})", ""]
     for title, fn in [("Samples before training", "grid_before.png"), ("Samples after training", "grid_after.png")]:
         if (run_dir / fn).exists():
-            lines += [f"## {title}", "", "Same prompts and seeds (deterministic ODE sampling).", "", f"![{title}]({fn})", ""]
+            lines += [
+                f"## {title}",
+                "",
+                "Same prompts and seeds (deterministic ODE sampling).",
+                "",
+                f"![{title}]({fn})",
+                "",
+            ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

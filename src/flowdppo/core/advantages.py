@@ -13,7 +13,7 @@ prompt index of each sample) and return advantages ``[B]``.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,8 +39,9 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
     return mean[inv].to(rewards.dtype), var.sqrt()[inv].to(rewards.dtype)
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global",
-                     eps: float = 1e-8, clip: float | None = None) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global", eps: float = 1e-8, clip: float | None = None
+) -> torch.Tensor:
     """``(R - group mean) / (std + eps)`` with the batch-wide (unbiased) or the group std; ``[B]``."""
     if std not in STD_MODES:
         raise ValueError(f"unknown advantage std mode {std!r}; valid: {', '.join(STD_MODES)}")
@@ -64,8 +65,13 @@ def combine_rewards(rewards: torch.Tensor, weights: Sequence[float]) -> torch.Te
     return rewards @ torch.as_tensor(weights, dtype=rewards.dtype)
 
 
-def gdpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, weights: Sequence[float] | None = None,
-                    eps: float = 1e-8, clip: float | None = None) -> torch.Tensor:
+def gdpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    eps: float = 1e-8,
+    clip: float | None = None,
+) -> torch.Tensor:
     """GDPO: normalise each of the K rewards within its group (group mean / group std), take the
     weighted sum, then normalise that sum over the batch (mean 0, unbiased std 1). ``[B, K]`` -> ``[B]``."""
     if rewards.dim() != 2:

@@ -17,8 +17,8 @@ The std is never re-derived here: the caller takes it from the kernel that produ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -133,8 +133,11 @@ def dppo_symmetric_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, di
     masked = inp.kl.detach() > delta
     loss = _masked_surrogate(inp.log_ratio, adv, masked)
     m = ratio_metrics(torch.exp(inp.log_ratio.detach()), inp.kl, delta)
-    m.update(masked_frac=_frac(masked), masked_pos_adv_frac=_frac(masked & (adv > 0)),
-             masked_neg_adv_frac=_frac(masked & (adv < 0)))
+    m.update(
+        masked_frac=_frac(masked),
+        masked_pos_adv_frac=_frac(masked & (adv > 0)),
+        masked_neg_adv_frac=_frac(masked & (adv < 0)),
+    )
     return loss, m
 
 
@@ -147,8 +150,13 @@ def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch
     # An entry is "clipped" when the clipped branch is the active one and differs: no gradient flows.
     hi = (r > 1 + eps) & (adv > 0)
     lo = (r < 1 - eps) & (adv < 0)
-    return loss, {"clip_frac": _frac(hi | lo), "clip_high_frac": _frac(hi), "clip_low_frac": _frac(lo),
-                  "outside_range_high_frac": _frac(r > 1 + eps), "outside_range_low_frac": _frac(r < 1 - eps)}
+    return loss, {
+        "clip_frac": _frac(hi | lo),
+        "clip_high_frac": _frac(hi),
+        "clip_low_frac": _frac(lo),
+        "outside_range_high_frac": _frac(r > 1 + eps),
+        "outside_range_low_frac": _frac(r < 1 - eps),
+    }
 
 
 def ppo_clip_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -186,8 +194,11 @@ def grpo_guard_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -
     loss, m = _ppo_clip(ratio_t, inp.adv_bs(adv_clip), eps)
     loss = loss / inp.dt.float()
     m.update(ratio_metrics(torch.exp(inp.log_ratio), inp.kl))
-    m.update(guard_ratio_mean=_f(ratio_t.mean()), guard_log_ratio_mean=_f(torch.log(ratio_t.detach()).mean()),
-             guard_bias_mean=_f(bias.mean()))
+    m.update(
+        guard_ratio_mean=_f(ratio_t.mean()),
+        guard_log_ratio_mean=_f(torch.log(ratio_t.detach()).mean()),
+        guard_bias_mean=_f(bias.mean()),
+    )
     return loss, m
 
 

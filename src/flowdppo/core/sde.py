@@ -18,8 +18,9 @@ Shapes: latents ``x``, ``v``, ``mean``, ``prev_sample`` are ``[B, ...]`` (normal
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -49,16 +50,26 @@ def uniform_shift_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return (shift * t / (1.0 + (shift - 1.0) * t)).to(torch.float32)
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """Resolution-dependent ``mu`` of the dynamic shift (diffusers' ``calculate_shift``)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
     return image_seq_len * m + b
 
 
-def diffusers_sigmas(num_steps: int, scheduler_config: Mapping[str, Any] | None = None, *,
-                     mu: float | None = None, base_sigmas: Any = None) -> torch.Tensor:
+def diffusers_sigmas(
+    num_steps: int,
+    scheduler_config: Mapping[str, Any] | None = None,
+    *,
+    mu: float | None = None,
+    base_sigmas: Any = None,
+) -> torch.Tensor:
     """The sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)``.
 
     Re-implemented from the scheduler's definition (no diffusers import) so that replay never needs
@@ -72,7 +83,8 @@ def diffusers_sigmas(num_steps: int, scheduler_config: Mapping[str, Any] | None 
         if cfg.get(key):
             raise NotImplementedError(
                 f"scheduler option {key}=True is not supported by flowdppo's diffusers schedule; "
-                "supported: shift, use_dynamic_shifting (+mu), time_shift_type, shift_terminal")
+                "supported: shift, use_dynamic_shifting (+mu), time_shift_type, shift_terminal"
+            )
     n_train = int(cfg.get("num_train_timesteps", 1000))
     shift = float(cfg.get("shift", 1.0))
     dynamic = bool(cfg.get("use_dynamic_shifting", False))
@@ -113,9 +125,15 @@ def diffusers_sigmas(num_steps: int, scheduler_config: Mapping[str, Any] | None 
     return torch.cat([s, torch.zeros(1, dtype=torch.float32)])
 
 
-def make_sigmas(schedule: str, num_steps: int, *, shift: float = 3.0,
-                scheduler_config: Mapping[str, Any] | None = None, mu: float | None = None,
-                base_sigmas: Any = None) -> torch.Tensor:
+def make_sigmas(
+    schedule: str,
+    num_steps: int,
+    *,
+    shift: float = 3.0,
+    scheduler_config: Mapping[str, Any] | None = None,
+    mu: float | None = None,
+    base_sigmas: Any = None,
+) -> torch.Tensor:
     """Dispatch on the schedule name (``"diffusers"`` or ``"uniform-shift"``)."""
     if schedule == "uniform-shift":
         return uniform_shift_sigmas(num_steps, shift)
@@ -182,8 +200,16 @@ def flow_sde_coefficient(sigma: torch.Tensor, eta: float, sigma_max: float | Non
     return eta * torch.sqrt(sigma / (1.0 - denom_sigma))
 
 
-def transition_std(sampler: str, sigma: Any, sigma_next: Any, eta: float, *, sigma_max: float | None = None,
-                   batch: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+def transition_std(
+    sampler: str,
+    sigma: Any,
+    sigma_next: Any,
+    eta: float,
+    *,
+    sigma_max: float | None = None,
+    batch: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """The std of a sampler's transition at one step, fp32 ``[B]`` (``[1]`` if ``batch`` is None and sigma is scalar).
 
     The one place the std is defined: the kernels sample with it, the log-prob and the KL divide by it.
@@ -205,7 +231,9 @@ def transition_std(sampler: str, sigma: Any, sigma_next: Any, eta: float, *, sig
     return a * torch.sqrt(s - sn)
 
 
-def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def gaussian_log_prob(
+    sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Log-density of ``sample`` under ``N(mean, std^2 I)`` reduced over latent dims: ``[B]``.
 
     ``std`` is ``[B]``. With ``"mean"`` this is the per-dimension average log-density (Flow-GRPO and
@@ -231,9 +259,15 @@ def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor, r
     return reduce_latent(d**2, reduction) / (2 * std.float() ** 2)
 
 
-def _finish(mean: torch.Tensor, std: torch.Tensor, prev_sample: torch.Tensor | None,
-            generator: torch.Generator | None, noise: torch.Tensor | None,
-            reduction: str, unnormalized: bool = False) -> StepOutput:
+def _finish(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+    reduction: str,
+    unnormalized: bool = False,
+) -> StepOutput:
     """Sample (or take ``prev_sample``) and score it. Shared tail of every stochastic kernel."""
     if bool((std <= 0).any()):
         raise ValueError("this transition has zero std (e.g. CPS with sigma_next = 0): run it as an ODE step")
@@ -277,10 +311,19 @@ def _sde_mean(v: torch.Tensor, x: torch.Tensor, s: torch.Tensor, sn: torch.Tenso
     return x * (1 + a_**2 / (2 * s_) * dt) + v * (1 + a_**2 * (1 - s_) / (2 * s_)) * dt
 
 
-def flow_sde_step(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any, eta: float,
-                  prev_sample: torch.Tensor | None = None, *, sigma_max: float | None = None,
-                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                  reduction: str = "mean") -> StepOutput:
+def flow_sde_step(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Any,
+    sigma_next: Any,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    *,
+    sigma_max: float | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> StepOutput:
     """Flow-GRPO's SDE step. ``sigma_max`` (= ``sigmas[1]``) is needed only for a step at sigma = 1."""
     if eta == 0:
         return ode_step(v, x, sigma, sigma_next)
@@ -291,10 +334,19 @@ def flow_sde_step(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any,
     return _finish(mean, std, prev_sample, generator, noise, reduction)
 
 
-def dance_step(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any, eta: float,
-               prev_sample: torch.Tensor | None = None, *, sigma_max: float | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               reduction: str = "mean") -> StepOutput:
+def dance_step(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Any,
+    sigma_next: Any,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    *,
+    sigma_max: float | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> StepOutput:
     """DanceGRPO's SDE step: the Flow-SDE mean with a constant coefficient ``a = eta``."""
     if eta == 0:
         return ode_step(v, x, sigma, sigma_next)
@@ -304,10 +356,20 @@ def dance_step(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any, et
     return _finish(mean, std, prev_sample, generator, noise, reduction)
 
 
-def cps_step(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any, eta: float,
-             prev_sample: torch.Tensor | None = None, *, sigma_max: float | None = None,
-             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-             reduction: str = "mean", cps_logprob: str = "gaussian") -> StepOutput:
+def cps_step(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Any,
+    sigma_next: Any,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    *,
+    sigma_max: float | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+    cps_logprob: str = "gaussian",
+) -> StepOutput:
     """Coefficients-preserving sampling: ``mean = (1-s') x0_hat + s' cos(eta pi/2) x1_hat``, ``std = s' sin(eta pi/2)``.
 
     ``cps_logprob="unnormalized"`` gives the official CPS code's ``-(x' - mean)^2`` (baseline parity
@@ -350,13 +412,22 @@ class Kernel:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
     @staticmethod
-    def for_schedule(sigmas: torch.Tensor, **kwargs: Any) -> "Kernel":
+    def for_schedule(sigmas: torch.Tensor, **kwargs: Any) -> Kernel:
         """A kernel whose ``sigma_max`` is ``sigmas[1]`` of this schedule."""
         return Kernel(sigma_max=float(sigmas[1]) if len(sigmas) > 1 else None, **kwargs)
 
-    def step(self, v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any,
-             prev_sample: torch.Tensor | None = None, *, stochastic: bool = True,
-             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+    def step(
+        self,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        sigma: Any,
+        sigma_next: Any,
+        prev_sample: torch.Tensor | None = None,
+        *,
+        stochastic: bool = True,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> StepOutput:
         """One transition; ``stochastic=False`` (or eta 0 / the ODE sampler) gives the Euler ODE step."""
         if not stochastic or self.eta == 0 or self.sampler == "ode":
             return ode_step(v, x, sigma, sigma_next)
@@ -367,8 +438,12 @@ class Kernel:
             return dance_step(v, x, sigma, sigma_next, self.eta, prev_sample, **common)
         return cps_step(v, x, sigma, sigma_next, self.eta, prev_sample, cps_logprob=self.cps_logprob, **common)
 
-    def std(self, sigma: Any, sigma_next: Any, batch: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        return transition_std(self.sampler, sigma, sigma_next, self.eta, sigma_max=self.sigma_max, batch=batch, device=device)
+    def std(
+        self, sigma: Any, sigma_next: Any, batch: int | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        return transition_std(
+            self.sampler, sigma, sigma_next, self.eta, sigma_max=self.sigma_max, batch=batch, device=device
+        )
 
     def kl(self, mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Exact KL of one step under this kernel's std and reduction, ``[B]``."""

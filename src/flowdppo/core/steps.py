@@ -57,4 +57,4 @@ class StepSelection:
         # sliding window
         n_positions = len(pool) - k + 1
         pos = ((iteration // self.window_every) * self.window_stride) % n_positions
-        return pool[pos:pos + k]
+        return pool[pos : pos + k]

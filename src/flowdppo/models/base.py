@@ -19,8 +19,9 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -49,24 +50,24 @@ class Cond:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def index(self, idx: torch.Tensor | slice | Sequence[int]) -> "Cond":
+    def index(self, idx: torch.Tensor | slice | Sequence[int]) -> Cond:
         """Rows ``idx`` of every tensor."""
         if not isinstance(idx, (slice, torch.Tensor)):
             idx = torch.as_tensor(list(idx), dtype=torch.long)
         return Cond({k: v[idx] for k, v in self.tensors.items()})
 
-    def repeat_interleave(self, n: int) -> "Cond":
+    def repeat_interleave(self, n: int) -> Cond:
         """Each row repeated ``n`` times in place (prompt -> its group of ``n`` samples)."""
         return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cond":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
         out = {}
         for k, v in self.tensors.items():
             out[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
         return Cond(out)
 
     @staticmethod
-    def cat(conds: Sequence["Cond"]) -> "Cond":
+    def cat(conds: Sequence[Cond]) -> Cond:
         if not conds:
             return Cond()
         keys = conds[0].tensors.keys()
@@ -128,8 +129,7 @@ class FlowModel(Protocol):
         """The trainable weights only, for checkpoints."""
         ...
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        ...
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def save_adapter(self, directory: str) -> None:
         """Export the trained weights in the model family's own loadable format."""
@@ -185,7 +185,9 @@ class AdapterMixin:
         params = self._trainable_named()
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if missing or unexpected:
-            raise KeyError(f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise KeyError(
+                f"adapter state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state[n].to(p.device, p.dtype))

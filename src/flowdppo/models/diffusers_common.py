@@ -37,14 +37,15 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from flowdppo.core import sde
-from flowdppo.models.base import Cond, AdapterMixin
+from flowdppo.models.base import AdapterMixin, Cond
 
 log = logging.getLogger("flowdppo")
 
@@ -52,8 +53,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_INFO_NAME = "flowdppo_adapter.json"
 FULL_TRANSFORMER_DIR = "transformer"
-ENCODE_BATCH = 16      # prompts per text-encoder call
-DECODE_BATCH = 8       # latents per VAE call
+ENCODE_BATCH = 16  # prompts per text-encoder call
+DECODE_BATCH = 8  # latents per VAE call
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -67,14 +68,19 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 def load_pipeline(pipeline_cls: type, path: str | None, dtype: torch.dtype, family: str):
     """``pipeline_cls.from_pretrained(path)`` with a message that says what ``path`` must be."""
     if not path:
-        raise ValueError(f"model.family={family} needs model.path: a local diffusers folder or a hub id "
-                         f"(e.g. --set model.path=stabilityai/stable-diffusion-3.5-medium)")
+        raise ValueError(
+            f"model.family={family} needs model.path: a local diffusers folder or a hub id "
+            f"(e.g. --set model.path=stabilityai/stable-diffusion-3.5-medium)"
+        )
     try:
         return pipeline_cls.from_pretrained(path, **_dtype_kwarg(dtype))
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         local = Path(path).exists()
-        hint = ("the folder exists but is not a diffusers pipeline of this family (no model_index.json?)" if local else
-                "not a local folder; as a hub id it needs network access or the hub cache (HF_HOME)")
+        hint = (
+            "the folder exists but is not a diffusers pipeline of this family (no model_index.json?)"
+            if local
+            else "not a local folder; as a hub id it needs network access or the hub cache (HF_HOME)"
+        )
         raise FileNotFoundError(f"cannot load a {pipeline_cls.__name__} from {path!r}: {hint}. ({e})") from e
 
 
@@ -82,6 +88,7 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``dtype=`` for diffusers versions that renamed ``torch_dtype`` (it warns otherwise)."""
     try:
         from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+
         return {"dtype": dtype}
     except ImportError:
         return {"torch_dtype": dtype}
@@ -117,11 +124,16 @@ class DiffusersFlowModel(AdapterMixin):
         self.transformer: nn.Module = pipe.transformer
         self.module: nn.Module = self.transformer
         self.vae = pipe.vae
-        self.scheduler_config: dict[str, Any] = {k: v for k, v in dict(pipe.scheduler.config).items()
-                                                 if not k.startswith("_")}
+        self.scheduler_config: dict[str, Any] = {
+            k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
+        }
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            log.warning("%s: the pipeline's scheduler is %s; the 'diffusers' schedule reproduces "
-                        "FlowMatchEulerDiscreteScheduler", self.family, type(pipe.scheduler).__name__)
+            log.warning(
+                "%s: the pipeline's scheduler is %s; the 'diffusers' schedule reproduces "
+                "FlowMatchEulerDiscreteScheduler",
+                self.family,
+                type(pipe.scheduler).__name__,
+            )
         self.lora_config: dict[str, Any] | None = None
         self._reference: nn.Module | None = None
         self._use_reference = False
@@ -177,8 +189,11 @@ class DiffusersFlowModel(AdapterMixin):
         if self.lora_config is not None or self._reference is not None:
             raise RuntimeError("the model already has an adapter or is set up for full fine-tuning")
         targets = list(targets or ("to_q", "to_k", "to_v", "to_out.0"))
-        self.transformer.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=targets,
-                                                init_lora_weights=True, lora_dropout=0.0))
+        self.transformer.add_adapter(
+            LoraConfig(
+                r=int(rank), lora_alpha=float(alpha), target_modules=targets, init_lora_weights=True, lora_dropout=0.0
+            )
+        )
         n = 0
         for name, p in self.transformer.named_parameters():
             if "lora_" in name:
@@ -213,7 +228,6 @@ class DiffusersFlowModel(AdapterMixin):
     def _trained_net(self) -> nn.Module:
         return self.transformer
 
-
     def _compute_ctx(self) -> contextlib.AbstractContextManager:
         if self._autocast:
             return torch.autocast(self.device.type, dtype=self.dtype)
@@ -241,7 +255,7 @@ class DiffusersFlowModel(AdapterMixin):
             v = v.detach().to("cpu", torch.float32)
             state[k] = (v * scale if ".lora_B." in k else v).contiguous()
         peft_cfg = self.transformer.peft_config["default"].to_dict()
-        peft_cfg["lora_alpha"] = peft_cfg["r"]   # the scale lives in lora_B now
+        peft_cfg["lora_alpha"] = peft_cfg["r"]  # the scale lives in lora_B now
         peft_cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_cfg.items()}
         return state, peft_cfg
 
@@ -250,15 +264,25 @@ class DiffusersFlowModel(AdapterMixin):
         fine-tuning: ``transformer/`` (``save_pretrained``). Both with ``flowdppo_adapter.json``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        info: dict[str, Any] = {"format": "flowdppo-diffusers-adapter", "family": self.family,
-                                "pipeline": self.pipeline_cls_name, "base_model": self.base_path,
-                                "resolution": int(self.cfg.resolution), "max_sequence_length": self.max_sequence_length}
+        info: dict[str, Any] = {
+            "format": "flowdppo-diffusers-adapter",
+            "family": self.family,
+            "pipeline": self.pipeline_cls_name,
+            "base_model": self.base_path,
+            "resolution": int(self.cfg.resolution),
+            "max_sequence_length": self.max_sequence_length,
+        }
         if self.lora_config is not None:
             state, peft_cfg = self.lora_export_state_dict()
-            self._pipeline_cls().save_lora_weights(str(d), transformer_lora_layers=state,
-                                                   transformer_lora_adapter_metadata=peft_cfg)
-            info.update(kind="lora", weights=LORA_WEIGHT_NAME, lora=self.lora_config,
-                        note="alpha/r folded into lora_B; the stored adapter config has lora_alpha = r")
+            self._pipeline_cls().save_lora_weights(
+                str(d), transformer_lora_layers=state, transformer_lora_adapter_metadata=peft_cfg
+            )
+            info.update(
+                kind="lora",
+                weights=LORA_WEIGHT_NAME,
+                lora=self.lora_config,
+                note="alpha/r folded into lora_B; the stored adapter config has lora_alpha = r",
+            )
         else:
             self.transformer.save_pretrained(str(d / FULL_TRANSFORMER_DIR))
             info.update(kind="full", weights=FULL_TRANSFORMER_DIR)
@@ -278,12 +302,18 @@ class DiffusersFlowModel(AdapterMixin):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         with torch.no_grad():
             for i in range(0, len(missing), ENCODE_BATCH):
-                chunk = missing[i:i + ENCODE_BATCH]
+                chunk = missing[i : i + ENCODE_BATCH]
                 enc = self._encode_batch(chunk)
                 for j, p in enumerate(chunk):
-                    self._prompt_cache[p] = {k: v[j:j + 1].detach().to("cpu") for k, v in enc.items()}
-        tensors = {k: torch.cat([self._prompt_cache[p][k] for p in prompts]).to(self.device)
-                   for k in self._prompt_cache[prompts[0]]} if prompts else {}
+                    self._prompt_cache[p] = {k: v[j : j + 1].detach().to("cpu") for k, v in enc.items()}
+        tensors = (
+            {
+                k: torch.cat([self._prompt_cache[p][k] for p in prompts]).to(self.device)
+                for k in self._prompt_cache[prompts[0]]
+            }
+            if prompts
+            else {}
+        )
         if self.uses_true_cfg(guidance_scale) and prompts:
             neg = self.encode_prompts([""], 1.0)
             for k, v in neg.tensors.items():
@@ -300,8 +330,9 @@ class DiffusersFlowModel(AdapterMixin):
         schedule (dynamic shift with ``mu`` from the resolution included); ``"uniform-shift"``: the
         SD3 shift of ``linspace(1, 0, N+1)`` with ``shift`` (default: the scheduler config's)."""
         if schedule in ("model", "diffusers"):
-            return sde.diffusers_sigmas(num_steps, self.scheduler_config, mu=self._mu(num_steps),
-                                        base_sigmas=self._base_sigmas(num_steps))
+            return sde.diffusers_sigmas(
+                num_steps, self.scheduler_config, mu=self._mu(num_steps), base_sigmas=self._base_sigmas(num_steps)
+            )
         if schedule == "uniform-shift":
             s = float(self.scheduler_config.get("shift", 3.0) if shift is None else shift)
             return sde.uniform_shift_sigmas(num_steps, s)
@@ -336,8 +367,10 @@ class DiffusersFlowModel(AdapterMixin):
 
     def _check_latents(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must be [B, {', '.join(map(str, self.latent_shape))}] for "
-                             f"model.resolution={self.cfg.resolution}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"latents must be [B, {', '.join(map(str, self.latent_shape))}] for "
+                f"model.resolution={self.cfg.resolution}, got {tuple(x.shape)}"
+            )
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.transformer.parameters() if p.requires_grad or not trainable_only)

@@ -61,8 +61,10 @@ class FluxFlowModel(DiffusersFlowModel):
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
         vsf = self.pipe.vae_scale_factor
         if resolution % (vsf * 2):
-            raise ValueError(f"model.resolution={resolution} must be a multiple of {vsf * 2} for FLUX "
-                             f"(VAE factor {vsf} x 2x2 packing)")
+            raise ValueError(
+                f"model.resolution={resolution} must be a multiple of {vsf * 2} for FLUX "
+                f"(VAE factor {vsf} x 2x2 packing)"
+            )
         side = 2 * (resolution // (vsf * 2))
         return (int(self.transformer.config.in_channels) // 4, side, side)
 
@@ -73,8 +75,13 @@ class FluxFlowModel(DiffusersFlowModel):
     def _mu(self, num_steps: int) -> float:
         c = self.scheduler_config
         _, h, w = self.latent_shape
-        return sde.flux_mu((h // 2) * (w // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return sde.flux_mu(
+            (h // 2) * (w // 2),
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
 
     def _base_sigmas(self, num_steps: int) -> Any:
         if self.scheduler_config.get("use_flow_sigmas"):
@@ -82,8 +89,9 @@ class FluxFlowModel(DiffusersFlowModel):
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        pe, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
-                                                max_sequence_length=self.max_sequence_length)
+        pe, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
@@ -92,15 +100,25 @@ class FluxFlowModel(DiffusersFlowModel):
         b, _, h, w = x.shape
         dt = self._input_dtype
         t = (1000.0 * self._sigma_batch(sigma, b)).to(dt) / 1000
-        guidance = (torch.full((b,), float(guidance_scale), device=self.device, dtype=torch.float32)
-                    if self.has_guidance_embedding else None)
+        guidance = (
+            torch.full((b,), float(guidance_scale), device=self.device, dtype=torch.float32)
+            if self.has_guidance_embedding
+            else None
+        )
         pe = cond["prompt_embeds"].to(self.device, dt)
         pooled = cond["pooled_prompt_embeds"].to(self.device, dt)
         txt_ids = torch.zeros(pe.shape[1], 3, device=self.device, dtype=dt)
         with self._compute_ctx():
-            out = self._net()(hidden_states=pack_latents(x.to(self.device, dt)), timestep=t, guidance=guidance,
-                              pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=txt_ids,
-                              img_ids=image_ids(h, w, self.device, dt), return_dict=False)[0]
+            out = self._net()(
+                hidden_states=pack_latents(x.to(self.device, dt)),
+                timestep=t,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=pe,
+                txt_ids=txt_ids,
+                img_ids=image_ids(h, w, self.device, dt),
+                return_dict=False,
+            )[0]
         return unpack_latents(out.float(), h, w)
 
 
@@ -128,8 +146,10 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
         vsf = self.pipe.vae_scale_factor
         if resolution % (vsf * 2):
-            raise ValueError(f"model.resolution={resolution} must be a multiple of {vsf * 2} for FLUX.2 "
-                             f"(VAE factor {vsf} x 2x2 patches)")
+            raise ValueError(
+                f"model.resolution={resolution} must be a multiple of {vsf * 2} for FLUX.2 "
+                f"(VAE factor {vsf} x 2x2 patches)"
+            )
         side = resolution // (vsf * 2)
         return (int(self.transformer.config.in_channels), side, side)
 
@@ -152,7 +172,9 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        pe, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+        pe, _ = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return {"prompt_embeds": pe}
 
     @staticmethod
@@ -172,9 +194,15 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
 
         def call(pe: torch.Tensor) -> torch.Tensor:
             with self._compute_ctx():
-                out = net(hidden_states=tokens, timestep=t, guidance=None, encoder_hidden_states=pe,
-                          txt_ids=self._ids(b, 1, 1, 1, pe.shape[1], self.device), img_ids=img_ids,
-                          return_dict=False)[0]
+                out = net(
+                    hidden_states=tokens,
+                    timestep=t,
+                    guidance=None,
+                    encoder_hidden_states=pe,
+                    txt_ids=self._ids(b, 1, 1, 1, pe.shape[1], self.device),
+                    img_ids=img_ids,
+                    return_dict=False,
+                )[0]
             return out[:, : h * w].float()
 
         v = call(cond["prompt_embeds"].to(self.device, dt))
@@ -192,7 +220,7 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
         mean = bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(x.device, x.dtype)
         x = x * std + mean
-        b, c, h, w = x.shape                                    # unpatchify 2x2: [B, 4C, h, w] -> [B, C, 2h, 2w]
+        b, c, h, w = x.shape  # unpatchify 2x2: [B, 4C, h, w] -> [B, C, 2h, 2w]
         return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
 
@@ -223,7 +251,9 @@ def build(cfg: Any) -> DiffusersFlowModel:
         pipe = load_pipeline(diffusers.Flux2KleinPipeline, cfg.path, torch_dtype(cfg.dtype), "flux")
         return Flux2KleinFlowModel(pipe, cfg)
     if name not in (None, "FluxPipeline"):
-        raise ValueError(f"model.family=flux supports FluxPipeline (FLUX.1 dev/schnell) and Flux2KleinPipeline "
-                         f"(FLUX.2 klein); {cfg.path!r} is a {name}")
+        raise ValueError(
+            f"model.family=flux supports FluxPipeline (FLUX.1 dev/schnell) and Flux2KleinPipeline "
+            f"(FLUX.2 klein); {cfg.path!r} is a {name}"
+        )
     pipe = load_pipeline(diffusers.FluxPipeline, cfg.path, torch_dtype(cfg.dtype), "flux")
     return FluxFlowModel(pipe, cfg)

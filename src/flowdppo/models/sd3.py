@@ -31,8 +31,10 @@ class SD3FlowModel(DiffusersFlowModel):
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
         vsf, patch = self.pipe.vae_scale_factor, self.transformer.config.patch_size
         if resolution % (vsf * patch):
-            raise ValueError(f"model.resolution={resolution} must be a multiple of {vsf * patch} for SD3 "
-                             f"(VAE factor {vsf} x patch {patch})")
+            raise ValueError(
+                f"model.resolution={resolution} must be a multiple of {vsf * patch} for SD3 "
+                f"(VAE factor {vsf} x patch {patch})"
+            )
         return (int(self.transformer.config.in_channels), resolution // vsf, resolution // vsf)
 
     def _mu(self, num_steps: int) -> float | None:
@@ -41,13 +43,23 @@ class SD3FlowModel(DiffusersFlowModel):
             return None
         _, h, w = self.latent_shape
         p = self.transformer.config.patch_size
-        return sde.flux_mu((h // p) * (w // p), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        return sde.flux_mu(
+            (h // p) * (w // p),
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.16),
+        )
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        pe, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-                                                   do_classifier_free_guidance=False,
-                                                   max_sequence_length=self.max_sequence_length)
+        pe, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
     def uses_true_cfg(self, guidance_scale: float) -> bool:
@@ -57,7 +69,7 @@ class SD3FlowModel(DiffusersFlowModel):
         """fp32 ``[B, C, H, W]``; with ``g > 1`` one batched call on ``[negative, positive]`` as the pipeline."""
         self._check_latents(x)
         b = x.shape[0]
-        t = 1000.0 * self._sigma_batch(sigma, b)            # the pipeline's scheduler.timesteps (fp32)
+        t = 1000.0 * self._sigma_batch(sigma, b)  # the pipeline's scheduler.timesteps (fp32)
         dt = self._input_dtype
         h = x.to(self.device, dt)
         pe = cond["prompt_embeds"].to(self.device, dt)
@@ -73,11 +85,12 @@ class SD3FlowModel(DiffusersFlowModel):
             h, t = torch.cat([h, h]), torch.cat([t, t])
             pe, pooled = torch.cat([npe, pe]), torch.cat([npooled, pooled])
         with self._compute_ctx():
-            v = self._net()(hidden_states=h, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled,
-                            return_dict=False)[0]
+            v = self._net()(
+                hidden_states=h, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False
+            )[0]
         v = v.float()
         if self.uses_true_cfg(guidance_scale):
-            v_u, v_c = v.chunk(2)       # combined in fp32 (the pipeline combines in the network dtype)
+            v_u, v_c = v.chunk(2)  # combined in fp32 (the pipeline combines in the network dtype)
             v = v_u + guidance_scale * (v_c - v_u)
         return v
 

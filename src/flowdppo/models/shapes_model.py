@@ -28,13 +28,14 @@ import copy
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from flowdppo.models.base import Cond, AdapterMixin
+from flowdppo.models.base import AdapterMixin, Cond
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"
 CONFIG_NAME = "config.json"
@@ -59,7 +60,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "text_heads": 4,
     "max_tokens": 10,
     "default_shift": 1.0,
-    "vocab": None,   # None = flowdppo.worlds.shapes.vocabulary() at build time; stored in config.json
+    "vocab": None,  # None = flowdppo.worlds.shapes.vocabulary() at build time; stored in config.json
 }
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -84,8 +85,9 @@ class WordEncoder(nn.Module):
         self.max_tokens = max_tokens
         self.tok = nn.Embedding(len(self.vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -99,15 +101,15 @@ class WordEncoder(nn.Module):
         return out
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = ids != 0                                                     # [B, L] True = real token
+        mask = ids != 0  # [B, L] True = real token
         h = self.tok(ids) + self.pos[None, : ids.shape[1]]
         # a fully padded row (the empty prompt) would make attention all -inf: let it attend to itself
         key_pad = ~mask
         key_pad = key_pad & mask.any(dim=1, keepdim=True)
         h = self.layers(h, src_key_padding_mask=key_pad)
-        h = self.norm(h) * mask[..., None]                                   # [B, L, D], pads = 0
+        h = self.norm(h) * mask[..., None]  # [B, L, D], pads = 0
         n = mask.sum(dim=1, keepdim=True).clamp(min=1)
-        pooled = h.sum(dim=1) / n                                            # [B, D], empty prompt = 0
+        pooled = h.sum(dim=1) / n  # [B, D], empty prompt = 0
         return h, pooled
 
 
@@ -118,20 +120,34 @@ class ShapesNet(nn.Module):
         super().__init__()
         from diffusers import SD3Transformer2DModel
 
-        self.text_encoder = WordEncoder(cfg["vocab"], cfg["text_dim"], cfg["text_layers"], cfg["text_heads"],
-                                        cfg["max_tokens"])
+        self.text_encoder = WordEncoder(
+            cfg["vocab"], cfg["text_dim"], cfg["text_layers"], cfg["text_heads"], cfg["max_tokens"]
+        )
         inner = cfg["num_heads"] * cfg["head_dim"]
         self.transformer = SD3Transformer2DModel(
-            sample_size=cfg["image_size"], patch_size=cfg["patch_size"], in_channels=cfg["channels"],
-            out_channels=cfg["channels"], num_layers=cfg["num_layers"], attention_head_dim=cfg["head_dim"],
-            num_attention_heads=cfg["num_heads"], joint_attention_dim=cfg["text_dim"],
-            caption_projection_dim=inner, pooled_projection_dim=cfg["text_dim"],
-            pos_embed_max_size=cfg["image_size"] // cfg["patch_size"], qk_norm=cfg["qk_norm"])
+            sample_size=cfg["image_size"],
+            patch_size=cfg["patch_size"],
+            in_channels=cfg["channels"],
+            out_channels=cfg["channels"],
+            num_layers=cfg["num_layers"],
+            attention_head_dim=cfg["head_dim"],
+            num_attention_heads=cfg["num_heads"],
+            joint_attention_dim=cfg["text_dim"],
+            caption_projection_dim=inner,
+            pooled_projection_dim=cfg["text_dim"],
+            pos_embed_max_size=cfg["image_size"] // cfg["patch_size"],
+            qk_norm=cfg["qk_norm"],
+        )
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, ehs: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Velocity ``[B, C, H, W]`` at flow time ``sigma [B]`` (the network sees ``1000 * sigma``)."""
-        return self.transformer(hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled,
-                                timestep=1000.0 * sigma, return_dict=False)[0]
+        return self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=ehs,
+            pooled_projections=pooled,
+            timestep=1000.0 * sigma,
+            return_dict=False,
+        )[0]
 
 
 def _resolve_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -153,8 +169,13 @@ class ShapesFlowModel(AdapterMixin):
     COND_KEYS = ("encoder_hidden_states", "pooled_projections")
     UNCOND_KEYS = ("uncond_encoder_hidden_states", "uncond_pooled_projections")
 
-    def __init__(self, net: ShapesNet, config: dict[str, Any], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        net: ShapesNet,
+        config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.config = config
         self.module: nn.Module = net
         self.device = torch.device(device)
@@ -163,13 +184,18 @@ class ShapesFlowModel(AdapterMixin):
         c, s = config["channels"], config["image_size"]
         self.latent_shape: tuple[int, int, int] = (c, s, s)
         self.lora_config: dict[str, Any] | None = None
-        self._reference: ShapesNet | None = None     # frozen copy for full fine-tuning
+        self._reference: ShapesNet | None = None  # frozen copy for full fine-tuning
         self._use_reference = False
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> "ShapesFlowModel":
+    def from_config(
+        cls,
+        cfg: dict[str, Any] | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ShapesFlowModel:
         """Random weights (seeded) for the architecture ``cfg`` (keys of ``DEFAULT_CONFIG``; missing = default)."""
         cfg = _resolve_config(cfg)
         with torch.random.fork_rng(devices=[]):
@@ -178,24 +204,31 @@ class ShapesFlowModel(AdapterMixin):
         return cls(net, cfg, device, dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "ShapesFlowModel":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ShapesFlowModel:
         """Load ``config.json`` + ``model.safetensors`` from ``path`` (default: the shipped weights)."""
         from safetensors.torch import load_file
 
         path = Path(path) if path is not None else ASSET_DIR
         cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not cfg_file.exists() or not w_file.exists():
-            raise FileNotFoundError(f"no shapes model at {path} (need {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                                    "train one with `python -m flowdppo.tools.pretrain --out DIR`")
+            raise FileNotFoundError(
+                f"no shapes model at {path} (need {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                "train one with `python -m flowdppo.tools.pretrain --out DIR`"
+            )
         cfg = _resolve_config(json.loads(cfg_file.read_text())["model"])
         net = ShapesNet(cfg)
         state = {k: v.float() for k, v in load_file(str(w_file)).items()}
         net.load_state_dict(state, strict=True)
         return cls(net, cfg, device, dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None,
-                        half: bool = True) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, half: bool = True
+    ) -> None:
         """Write ``config.json`` + ``model.safetensors`` (base weights; fp16 by default, ~half the size)."""
         from safetensors.torch import save_file
 
@@ -210,8 +243,13 @@ class ShapesFlowModel(AdapterMixin):
         (d / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
 
     # ---------------------------------------------------------------- adapters
-    def add_lora(self, rank: int = 16, alpha: float = 32.0,
-                 target_modules: Sequence[str] = DEFAULT_LORA_TARGETS, dropout: float = 0.0) -> None:
+    def add_lora(
+        self,
+        rank: int = 16,
+        alpha: float = 32.0,
+        target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        dropout: float = 0.0,
+    ) -> None:
         """Add a peft LoRA adapter (B = 0 at init) to the transformer; freeze everything else."""
         from peft import LoraConfig
 
@@ -219,9 +257,15 @@ class ShapesFlowModel(AdapterMixin):
             raise RuntimeError("the model already has a LoRA adapter")
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.module.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                                       target_modules=list(target_modules),
-                                                       init_lora_weights=True))
+        self.module.transformer.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=list(target_modules),
+                init_lora_weights=True,
+            )
+        )
         for n, p in self.module.named_parameters():
             p.requires_grad_("lora_" in n)
         self.module.to(self.device, self.dtype)
@@ -258,8 +302,12 @@ class ShapesFlowModel(AdapterMixin):
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.to("cpu", torch.float32).contiguous() for k, v in self.adapter_state_dict().items()}
         save_file(state, str(d / ADAPTER_WEIGHTS_NAME))
-        meta = {"format": "flowdppo-shapes-adapter", "kind": "lora" if self.lora_config else "full",
-                "lora": self.lora_config, "model": self.config}
+        meta = {
+            "format": "flowdppo-shapes-adapter",
+            "kind": "lora" if self.lora_config else "full",
+            "lora": self.lora_config,
+            "model": self.config,
+        }
         (d / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=1))
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
@@ -296,7 +344,6 @@ class ShapesFlowModel(AdapterMixin):
                 t["uncond_pooled_projections"] = u_pooled.expand(len(prompts), -1).clone()
         return Cond(t)
 
-
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
         """float32 ``[B, C, H, W]``; CFG ``v_u + g (v_c - v_u)`` in one batched call when ``g > 1``."""
         b = x.shape[0]
@@ -316,8 +363,9 @@ class ShapesFlowModel(AdapterMixin):
             with torch.no_grad():
                 u_ehs, u_pooled = self._encode([""])
             u_ehs, u_pooled = u_ehs.expand(b, -1, -1), u_pooled.expand(b, -1)
-        v = net(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                torch.cat([u_ehs, ehs]), torch.cat([u_pooled, pooled])).float()
+        v = net(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([u_ehs, ehs]), torch.cat([u_pooled, pooled])
+        ).float()
         v_u, v_c = v.chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
 
@@ -343,15 +391,21 @@ class ShapesFlowModel(AdapterMixin):
 
     # ---------------------------------------------------------------- helpers
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], num_steps: int = 10, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None, schedule: str = "model",
-                 batch_size: int = 256) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 10,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        schedule: str = "model",
+        batch_size: int = 256,
+    ) -> torch.Tensor:
         """Euler ODE samples, images ``[B, 3, 32, 32]`` in ``[0, 1]`` (a convenience for eval and demos)."""
         sig = self.sigmas(num_steps, schedule)
         out = []
         prompts = list(prompts)
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
+            chunk = prompts[i : i + batch_size]
             cond = self.encode_prompts(chunk, guidance_scale)
             x = torch.randn((len(chunk), *self.latent_shape), generator=generator).to(self.device)
             for k in range(num_steps):
@@ -371,8 +425,12 @@ def build(cfg: Any) -> ShapesFlowModel:
     Loads ``cfg.path`` (None = the shipped weights), then adds a LoRA adapter (``cfg.lora``) or
     switches to full fine-tuning with a frozen reference copy.
     """
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[getattr(cfg, "dtype", "float32")]
-    model = ShapesFlowModel.from_pretrained(getattr(cfg, "path", None), device=getattr(cfg, "device", "cpu"), dtype=dtype)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        getattr(cfg, "dtype", "float32")
+    ]
+    model = ShapesFlowModel.from_pretrained(
+        getattr(cfg, "path", None), device=getattr(cfg, "device", "cpu"), dtype=dtype
+    )
     if getattr(cfg, "lora", True):
         model.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
     else:
@@ -380,5 +438,13 @@ def build(cfg: Any) -> ShapesFlowModel:
     return model
 
 
-__all__ = ["ShapesFlowModel", "ShapesNet", "WordEncoder", "DEFAULT_CONFIG", "DEFAULT_LORA_TARGETS", "ASSET_DIR",
-           "build", "tokenize"]
+__all__ = [
+    "ShapesFlowModel",
+    "ShapesNet",
+    "WordEncoder",
+    "DEFAULT_CONFIG",
+    "DEFAULT_LORA_TARGETS",
+    "ASSET_DIR",
+    "build",
+    "tokenize",
+]

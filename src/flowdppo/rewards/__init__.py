@@ -7,7 +7,8 @@ dict of named components, each a float tensor ``[B]``. The trainer combines comp
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -25,9 +26,11 @@ def shapes_reward() -> RewardFn:
     def fn(prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         parsed = [shapes.parse_prompt(p) for p in prompts]
         scores = shapes.score_batch(parsed, images.detach().float().cpu())
-        return {"strict": torch.tensor([s.strict for s in scores], dtype=torch.float32),
-                "soft": torch.tensor([s.soft for s in scores], dtype=torch.float32),
-                "quality": torch.tensor([s.quality for s in scores], dtype=torch.float32)}
+        return {
+            "strict": torch.tensor([s.strict for s in scores], dtype=torch.float32),
+            "soft": torch.tensor([s.soft for s in scores], dtype=torch.float32),
+            "quality": torch.tensor([s.quality for s in scores], dtype=torch.float32),
+        }
 
     return fn
 

@@ -17,8 +17,8 @@ import io
 import json
 import threading
 import urllib.request
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ class HTTPReward:
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-        parts = [self._post(prompts[i:i + self.chunk_size], images[i:i + self.chunk_size])
-                 for i in range(0, len(prompts), self.chunk_size)]
+        parts = [
+            self._post(prompts[i : i + self.chunk_size], images[i : i + self.chunk_size])
+            for i in range(0, len(prompts), self.chunk_size)
+        ]
         rewards = {k: torch.tensor([x for p in parts for x in p[k]], dtype=torch.float32) for k in parts[0]}
         for k, v in rewards.items():
             if v.shape != (len(prompts),):
@@ -97,6 +99,7 @@ def make_server(reward_fn: Callable, host: str = "127.0.0.1", port: int = 0) -> 
 
 def main(argv: list[str] | None = None) -> int:
     from flowdppo.rewards import REWARDS
+
     p = argparse.ArgumentParser(prog="flowdppo reward-server", description="Serve a registered reward over HTTP.")
     p.add_argument("--reward", default="shapes", choices=[k for k in REWARDS if k != "http"])
     p.add_argument("--host", default="127.0.0.1")

@@ -45,26 +45,41 @@ def bench_losses(shape: tuple[int, ...] = (16, 3, 16, 64, 64), repeats: int = 20
         logp_new = logp_new0.clone().requires_grad_(True)
         kl = None
         if name in ("flow-dppo", "grpo-guard"):
-            kl = gaussian_kl(mean_new.detach().reshape(b * s, *shape[2:]), mean_old.reshape(b * s, *shape[2:]),
-                             std.reshape(-1)).view(b, s)
-        inp = LossInputs(logp_new=logp_new, logp_old=logp_old, adv=adv, kl=kl, mean_new=mean_new, mean_old=mean_old,
-                         std=std, dt=torch.full((b, s), 0.05, device=device))
+            kl = gaussian_kl(
+                mean_new.detach().reshape(b * s, *shape[2:]), mean_old.reshape(b * s, *shape[2:]), std.reshape(-1)
+            ).view(b, s)
+        inp = LossInputs(
+            logp_new=logp_new,
+            logp_old=logp_old,
+            adv=adv,
+            kl=kl,
+            mean_new=mean_new,
+            mean_old=mean_old,
+            std=std,
+            dt=torch.full((b, s), 0.05, device=device),
+        )
         loss, _ = policy_loss(inp, LossSpec(name=name))
         reduce_loss(loss).backward()
         if device != "cpu":
             torch.cuda.synchronize()
 
-    out = {"shape": list(shape), "device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
+    out = {
+        "shape": list(shape),
+        "device": device,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     for name in ("clip", "flow-dppo", "grpo-guard"):
-        out[f"{name}_ms"] = 1e3 * _time(lambda: run(name), repeats)
+        out[f"{name}_ms"] = 1e3 * _time(lambda name=name: run(name), repeats)
     out["flow_dppo_over_clip"] = out["flow-dppo_ms"] / out["clip_ms"]
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flowdppo.tools.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m flowdppo.tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="what", required=True)
     lp = sub.add_parser("losses", help="Flow-DPPO vs PPO-clip loss time")
     lp.add_argument("--shape", default="16,3,16,64,64", help="B,S,C,H,W")
@@ -74,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "losses":
         res = bench_losses(tuple(int(x) for x in args.shape.split(",")), args.repeats, args.device)
         print(json.dumps(res, indent=2))
-        print(f"Flow-DPPO / PPO-clip time: {res['flow_dppo_over_clip']:.2f}x "
-              f"({res['flow-dppo_ms']:.2f} ms vs {res['clip_ms']:.2f} ms per forward+backward on {res['shape']})")
+        print(
+            f"Flow-DPPO / PPO-clip time: {res['flow_dppo_over_clip']:.2f}x "
+            f"({res['flow-dppo_ms']:.2f} ms vs {res['clip_ms']:.2f} ms per forward+backward on {res['shape']})"
+        )
 
 
 if __name__ == "__main__":

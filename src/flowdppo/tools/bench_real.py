@@ -44,29 +44,64 @@ log = logging.getLogger("flowdppo")
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json
 SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13)),
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": tuple(range(13)),
 }
 # the SD3 / SD3.5 VAE (vae/config.json)
 SD3_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 1024,
-    "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 SD35_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 CLIP_TOKENS = 77
 
 TINY_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 16, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
-    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 64, "caption_projection_dim": 32,
-    "pooled_projection_dim": 64, "pos_embed_max_size": 16, "qk_norm": "rms_norm", "dual_attention_layers": (0,),
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 16,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": (0,),
 }
-TINY_VAE: dict[str, Any] = dict(SD3_VAE, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                                sample_size=32)
+TINY_VAE: dict[str, Any] = dict(
+    SD3_VAE,
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=32,
+)
 TINY_CLIP_TOKENS = 8
 
 # dense bf16 tensor-core peaks, TFLOP/s
@@ -89,8 +124,10 @@ def _sd3_model_class():
                 g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
                 pe.append(torch.randn(1, n_tok, cfg.joint_attention_dim, generator=g))
                 pooled.append(torch.randn(1, cfg.pooled_projection_dim, generator=g))
-            return {"prompt_embeds": torch.cat(pe).to(self.device, self.dtype),
-                    "pooled_prompt_embeds": torch.cat(pooled).to(self.device, self.dtype)}
+            return {
+                "prompt_embeds": torch.cat(pe).to(self.device, self.dtype),
+                "pooled_prompt_embeds": torch.cat(pooled).to(self.device, self.dtype),
+            }
 
     return RandomTextSD3
 
@@ -126,12 +163,15 @@ def build_bench_model(model_cfg: Any, tiny: bool, seed: int = 0):
         transformer = SD3Transformer2DModel(**(TINY_TRANSFORMER if tiny else SD35_MEDIUM_TRANSFORMER))
         vae = AutoencoderKL(**(TINY_VAE if tiny else SD3_VAE))
     if dtype != torch.float32:
-        with _quiet_diffusers():   # "modules to keep in fp32: []" notice of ModelMixin.to
+        with _quiet_diffusers():  # "modules to keep in fp32: []" notice of ModelMixin.to
             transformer.to(dtype)
             vae.to(dtype)
-    pipe = SimpleNamespace(transformer=transformer, vae=vae,
-                           scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER),
-                           vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    pipe = SimpleNamespace(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER),
+        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+    )
     cls = _sd3_model_class()
     cls.clip_tokens = TINY_CLIP_TOKENS if tiny else CLIP_TOKENS
     return cls(pipe, model_cfg)
@@ -150,8 +190,11 @@ def count_flops(tiny: bool, model_cfg: Any, text_tokens: int) -> dict[str, float
     with torch.device("meta"):
         tr = SD3Transformer2DModel(**tcfg)
         if model_cfg.lora:
-            tr.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha,
-                                      target_modules=list(model_cfg.lora_targets)))
+            tr.add_adapter(
+                LoraConfig(
+                    r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, target_modules=list(model_cfg.lora_targets)
+                )
+            )
         for n, p in tr.named_parameters():
             p.requires_grad_(("lora_" in n) if model_cfg.lora else True)
         x = torch.randn(1, tcfg["in_channels"], side, side)
@@ -160,16 +203,21 @@ def count_flops(tiny: bool, model_cfg: Any, text_tokens: int) -> dict[str, float
         t = torch.full((1,), 500.0)
 
     def fwd():
-        return tr(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+        return tr(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t, return_dict=False)[
+            0
+        ]
 
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         fwd()
     f_fwd = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         fwd().float().sum().backward()
-    return {"forward": float(f_fwd), "train_step": float(fc.get_total_flops()),
-            "params": float(sum(p.numel() for p in tr.parameters())),
-            "trainable_params": float(sum(p.numel() for p in tr.parameters() if p.requires_grad))}
+    return {
+        "forward": float(f_fwd),
+        "train_step": float(fc.get_total_flops()),
+        "params": float(sum(p.numel() for p in tr.parameters())),
+        "trainable_params": float(sum(p.numel() for p in tr.parameters() if p.requires_grad)),
+    }
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -192,21 +240,27 @@ def _sync(device: torch.device) -> None:
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB (Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flowdppo bench-real", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (smoke check)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 (float32 with --tiny)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 (float32 with --tiny)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 32 with --tiny)")
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--sde-steps", type=int, default=3)
     p.add_argument("--group-size", type=int, default=None, help="default 16 (2 with --tiny)")
     p.add_argument("--prompts", type=int, default=1, help="prompts per iteration (batch = prompts * group size)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per training forward (default 4; 2 with --tiny)")
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help="samples per training forward (default 4; 2 with --tiny)"
+    )
     p.add_argument("--rollout-batch", type=int, default=None, help="samples per rollout forward (default: the batch)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
@@ -237,9 +291,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rollout_batch = args.rollout_batch or batch
     seq = args.max_sequence_length or (8 if tiny else 256)
     rank = args.lora_rank
-    model_cfg = ModelConfig(family="sd3", lora=not args.full_finetune, lora_rank=rank, lora_alpha=2.0 * rank,
-                            dtype=dtype, device=str(device), gradient_checkpointing=args.gradient_checkpointing,
-                            resolution=res, max_sequence_length=seq)
+    model_cfg = ModelConfig(
+        family="sd3",
+        lora=not args.full_finetune,
+        lora_rank=rank,
+        lora_alpha=2.0 * rank,
+        dtype=dtype,
+        device=str(device),
+        gradient_checkpointing=args.gradient_checkpointing,
+        resolution=res,
+        max_sequence_length=seq,
+    )
     text_tokens = (TINY_CLIP_TOKENS if tiny else CLIP_TOKENS) + seq
 
     tic = time.perf_counter()
@@ -247,18 +309,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - tic
     flops = count_flops(tiny, model_cfg, text_tokens)
 
-    cfg = from_dict({
-        "model": {k: getattr(model_cfg, k) for k in ("family", "lora", "lora_rank", "lora_alpha", "dtype", "device",
-                                                      "gradient_checkpointing", "resolution", "max_sequence_length")},
-        "sampling": {"num_steps": args.num_steps, "guidance_scale": 1.0, "schedule": "model"},
-        "steps": {"num_sde_steps": args.sde_steps},
-        "reward": {"weights": {"score": 1.0}},
-        "train": {"iterations": args.warmup + args.iters, "prompts_per_iter": args.prompts, "group_size": group,
-                  "minibatch_size": batch, "micro_batch_size": micro, "rollout_batch_size": rollout_batch,
-                  "seed": args.seed},
-        "eval": {"every": 0, "ratio_noise_every": 0},
-        "log": {"tensorboard": False, "progress": False, "checkpoint_every": 0},
-    })
+    cfg = from_dict(
+        {
+            "model": {
+                k: getattr(model_cfg, k)
+                for k in (
+                    "family",
+                    "lora",
+                    "lora_rank",
+                    "lora_alpha",
+                    "dtype",
+                    "device",
+                    "gradient_checkpointing",
+                    "resolution",
+                    "max_sequence_length",
+                )
+            },
+            "sampling": {"num_steps": args.num_steps, "guidance_scale": 1.0, "schedule": "model"},
+            "steps": {"num_sde_steps": args.sde_steps},
+            "reward": {"weights": {"score": 1.0}},
+            "train": {
+                "iterations": args.warmup + args.iters,
+                "prompts_per_iter": args.prompts,
+                "group_size": group,
+                "minibatch_size": batch,
+                "micro_batch_size": micro,
+                "rollout_batch_size": rollout_batch,
+                "seed": args.seed,
+            },
+            "eval": {"every": 0, "ratio_noise_every": 0},
+            "log": {"tensorboard": False, "progress": False, "checkpoint_every": 0},
+        }
+    )
     prompts = [f"benchmark prompt {i}" for i in range(max(args.prompts, 4))]
 
     def reward(ps, images):
@@ -277,8 +359,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.warmup + args.iters):
             _sync(device)
             t0 = time.perf_counter()
-            traj = rollout(model, trainer.kernel, [p for p in chosen for _ in range(group)], group_ids, cond,
-                           trainer.sigmas, sde_steps, 1.0, torch.Generator().manual_seed(i), rollout_batch)
+            traj = rollout(
+                model,
+                trainer.kernel,
+                [p for p in chosen for _ in range(group)],
+                group_ids,
+                cond,
+                trainer.sigmas,
+                sde_steps,
+                1.0,
+                torch.Generator().manual_seed(i),
+                rollout_batch,
+            )
             _sync(device)
             t1 = time.perf_counter()
             model.decode(traj.final)
@@ -299,8 +391,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             m = trainer.iteration_step(it)
             _sync(device)
             if it >= args.warmup:
-                iters.append({"total": time.perf_counter() - t0,
-                              **{k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time/")}})
+                iters.append(
+                    {
+                        "total": time.perf_counter() - t0,
+                        **{k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time/")},
+                    }
+                )
         peak_mem = _peak_memory_gib(device)
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -314,16 +410,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = peak_tflops(device, args.peak_tflops)
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "model": "tiny" if tiny else "sd3.5-medium (random weights)",
-        "resolution": res, "dtype": dtype, "lora_rank": None if args.full_finetune else rank,
-        "gradient_checkpointing": args.gradient_checkpointing, "num_steps": args.num_steps, "sde_steps": s,
-        "batch": batch, "micro_batch": micro, "rollout_batch": rollout_batch, "text_tokens": text_tokens,
-        "params": flops["params"], "trainable_params": flops["trainable_params"],
-        "flops_forward_per_sample": flops["forward"], "flops_train_step_per_sample": flops["train_step"],
+        "torch": torch.__version__,
+        "model": "tiny" if tiny else "sd3.5-medium (random weights)",
+        "resolution": res,
+        "dtype": dtype,
+        "lora_rank": None if args.full_finetune else rank,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "num_steps": args.num_steps,
+        "sde_steps": s,
+        "batch": batch,
+        "micro_batch": micro,
+        "rollout_batch": rollout_batch,
+        "text_tokens": text_tokens,
+        "params": flops["params"],
+        "trainable_params": flops["trainable_params"],
+        "flops_forward_per_sample": flops["forward"],
+        "flops_train_step_per_sample": flops["train_step"],
         "build_s": build_s,
-        "rollout_s": roll_s, "rollout_images_per_s": batch / roll_s, "decode_s_per_image": dec_s / batch,
-        "iteration_s": it_s, "iteration_parts_s": parts, "peak_memory_gib": peak_mem,
-        "rollout_tflops_per_s": rollout_flops / roll_s / 1e12, "iteration_tflops_per_s": iter_flops / it_s / 1e12,
+        "rollout_s": roll_s,
+        "rollout_images_per_s": batch / roll_s,
+        "decode_s_per_image": dec_s / batch,
+        "iteration_s": it_s,
+        "iteration_parts_s": parts,
+        "peak_memory_gib": peak_mem,
+        "rollout_tflops_per_s": rollout_flops / roll_s / 1e12,
+        "iteration_tflops_per_s": iter_flops / it_s / 1e12,
         "peak_tflops": peak,
     }
     if peak:
@@ -343,14 +454,18 @@ def format_report(r: dict[str, Any]) -> str:
         f"training step (fwd + bwd) {_fmt_flops(r['flops_train_step_per_sample'])}",
         f"rollout: {r['rollout_images_per_s']:.2f} images/s ({r['rollout_s']:.2f} s per batch), "
         f"VAE decode {r['decode_s_per_image'] * 1e3:.1f} ms/image",
-        f"iteration: {r['iteration_s']:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in r["iteration_parts_s"].items()) + ")",
+        f"iteration: {r['iteration_s']:.2f} s ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["iteration_parts_s"].items())
+        + ")",
         f"peak memory: {r['peak_memory_gib']:.2f} GiB",
         f"throughput: rollout {_fmt_flops(r['rollout_tflops_per_s'] * 1e12)}/s, "
         f"iteration {_fmt_flops(r['iteration_tflops_per_s'] * 1e12)}/s",
     ]
     if "rollout_mfu" in r:
-        lines.append(f"MFU (peak {r['peak_tflops']:.0f} TFLOP/s): rollout {100 * r['rollout_mfu']:.1f}%, "
-                     f"iteration {100 * r['iteration_mfu']:.1f}%")
+        lines.append(
+            f"MFU (peak {r['peak_tflops']:.0f} TFLOP/s): rollout {100 * r['rollout_mfu']:.1f}%, "
+            f"iteration {100 * r['iteration_mfu']:.1f}%"
+        )
     else:
         lines.append("MFU: no known peak for this device (pass --peak-tflops)")
     return "\n".join(lines)

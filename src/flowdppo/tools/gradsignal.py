@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -52,8 +52,9 @@ def gradient_agreement(grads: Sequence[torch.Tensor]) -> tuple[float, float]:
     """Mean pairwise cosine of ``grads`` and its standard error (over the pairs)."""
     if len(grads) < 2:
         raise ValueError(f"gradient_agreement needs at least 2 gradients, got {len(grads)}")
-    cos = torch.tensor([float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-                        for a, b in itertools.combinations(grads, 2)])
+    cos = torch.tensor(
+        [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(grads, 2)]
+    )
     sem = float(cos.std()) / math.sqrt(len(cos)) if len(cos) > 1 else float("nan")
     return float(cos.mean()), sem
 
@@ -83,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             grads.append(g)
             rewards.append(m)
     mean, sem = gradient_agreement(grads)
-    out = {"agreement": mean, "agreement_sem": sem, "batches": a.batches,
-           "batch_size": cfg.train.prompts_per_iter * cfg.train.group_size, "same_prompts": a.same_prompts,
-           "grad_norm_mean": float(torch.stack([g.norm() for g in grads]).mean())}
+    out = {
+        "agreement": mean,
+        "agreement_sem": sem,
+        "batches": a.batches,
+        "batch_size": cfg.train.prompts_per_iter * cfg.train.group_size,
+        "same_prompts": a.same_prompts,
+        "grad_norm_mean": float(torch.stack([g.norm() for g in grads]).mean()),
+    }
     for k in rewards[0]:
         if k.startswith("reward/"):
             out[k] = sum(r[k] for r in rewards) / len(rewards)

@@ -32,8 +32,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +47,11 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ data
 
 
-def make_batch(rng: np.random.Generator, batch_size: int, p_uncond: float = 0.1,
-               categories: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
-    """``batch_size`` fresh train-split pairs: prompts (``""`` with prob ``p_uncond``) and ``x0 [B, 3, 32, 32]`` in [-1, 1]."""
+def make_batch(
+    rng: np.random.Generator, batch_size: int, p_uncond: float = 0.1, categories: Sequence[str] | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """``batch_size`` fresh train-split pairs: prompts (``""`` with prob ``p_uncond``) and
+    ``x0 [B, 3, 32, 32]`` in [-1, 1]."""
     from flowdppo.worlds import shapes
 
     cats = list(categories or shapes.CATEGORIES)
@@ -64,7 +67,8 @@ def make_batch(rng: np.random.Generator, batch_size: int, p_uncond: float = 0.1,
 
 
 def sample_t(n: int, generator: torch.Generator, dist: str = "logit-normal", p_uniform: float = 0.1) -> torch.Tensor:
-    """Flow times ``[n]`` in (0, 1): ``"logit-normal"`` (sigmoid of N(0,1), a ``p_uniform`` share uniform) or ``"uniform"``."""
+    """Flow times ``[n]`` in (0, 1): ``"logit-normal"`` (sigmoid of N(0,1), a ``p_uniform`` share
+    uniform) or ``"uniform"``."""
     u = torch.rand(n, generator=generator)
     if dist == "uniform":
         return u
@@ -87,9 +91,18 @@ def lr_factor(step: int, steps: int, warmup: int, cooldown: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: ShapesFlowModel, prompts: Sequence[Any] | None = None, samples_per_prompt: int = 1,
-             num_steps: int = 10, guidance_scale: float = 1.0, seed: int = 0, schedule: str = "model",
-             grid_path: str | os.PathLike | None = None, grid_prompts: int = 12, grid_seeds: int = 8) -> dict[str, Any]:
+def evaluate(
+    model: ShapesFlowModel,
+    prompts: Sequence[Any] | None = None,
+    samples_per_prompt: int = 1,
+    num_steps: int = 10,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    schedule: str = "model",
+    grid_path: str | os.PathLike | None = None,
+    grid_prompts: int = 12,
+    grid_seeds: int = 8,
+) -> dict[str, Any]:
     """Strict / soft accuracy of 10-step Euler ODE samples on the held-out ``eval`` prompts.
 
     ``prompts``: shapes ``Prompt`` objects (default ``prompt_sets(seed=0)["eval"]``, what the trainer
@@ -103,16 +116,24 @@ def evaluate(model: ShapesFlowModel, prompts: Sequence[Any] | None = None, sampl
         prompts = shapes.prompt_sets(seed=0)["eval"]
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
-    images = model.generate([p.text for p in rows], num_steps=num_steps, guidance_scale=guidance_scale,
-                            generator=gen, schedule=schedule)
+    images = model.generate(
+        [p.text for p in rows], num_steps=num_steps, guidance_scale=guidance_scale, generator=gen, schedule=schedule
+    )
     scores = shapes.score_batch(rows, images)
     strict = np.array([float(s.strict) for s in scores])
     soft = np.array([float(s.soft) for s in scores])
     cats = [p.category for p in rows]
     per_cat = {c: float(strict[[ci == c for ci in cats]].mean()) for c in shapes.CATEGORIES if c in cats}
-    res = {"overall": float(strict.mean()), "overall_soft": float(soft.mean()),
-           "macro": float(np.mean(list(per_cat.values()))), "per_category": per_cat, "n": len(rows),
-           "num_steps": num_steps, "guidance_scale": guidance_scale, "seed": seed}
+    res = {
+        "overall": float(strict.mean()),
+        "overall_soft": float(soft.mean()),
+        "macro": float(np.mean(list(per_cat.values()))),
+        "per_category": per_cat,
+        "n": len(rows),
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+    }
     if grid_path is not None:
         by_cat: dict[str, list[Any]] = {}
         for p in prompts:
@@ -123,8 +144,13 @@ def evaluate(model: ShapesFlowModel, prompts: Sequence[Any] | None = None, sampl
                 if by_cat[c] and len(picked) < grid_prompts:
                     picked.append(by_cat[c].pop(0))
         g = torch.Generator().manual_seed(seed + 1)
-        imgs = model.generate([p.text for p in picked for _ in range(grid_seeds)], num_steps=num_steps,
-                              guidance_scale=guidance_scale, generator=g, schedule=schedule)
+        imgs = model.generate(
+            [p.text for p in picked for _ in range(grid_seeds)],
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=g,
+            schedule=schedule,
+        )
         save_grid(imgs, [p.text for p in picked], grid_seeds, Path(grid_path))
     return res
 
@@ -145,7 +171,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Pa
     grid = torch.ones(3, r * (h + 2), n_cols * (w + 2))
     for i in range(r):
         for j in range(n_cols):
-            grid[:, i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = images[i * n_cols + j]
+            grid[:, i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = images[i * n_cols + j]
     arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
     Image.fromarray(arr).resize((arr.shape[1] * 4, arr.shape[0] * 4), Image.NEAREST).save(path)
 
@@ -154,7 +180,9 @@ def format_eval(res: dict[str, Any]) -> str:
     lines = [f"strict accuracy ({res['n']} samples, {res['num_steps']} Euler steps, cfg {res['guidance_scale']}):"]
     for c, a in res["per_category"].items():
         lines.append(f"  {c:15s} {a:6.1%}")
-    lines.append(f"  {'overall':15s} {res['overall']:6.1%}   (macro {res['macro']:.1%}, soft {res['overall_soft']:.1%})")
+    lines.append(
+        f"  {'overall':15s} {res['overall']:6.1%}   (macro {res['macro']:.1%}, soft {res['overall_soft']:.1%})"
+    )
     return "\n".join(lines)
 
 
@@ -176,13 +204,33 @@ def _model_with(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ShapesFl
     return m
 
 
-def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, *,
-             model_config: dict[str, Any] | None = None, ckpt_dir: str | os.PathLike | None = None,
-             ckpt_every: int = 1000, ema_decay: float = 0.999, p_uncond: float = 0.1, t_dist: str = "logit-normal",
-             warmup: int = 300, cooldown: int = 0, ship: str = "auto", weight_decay: float = 0.01, grad_clip: float = 1.0, resume: bool = False,
-             max_minutes: float | None = None, threads: int | None = 2, eval_samples_per_prompt: int = 2,
-             eval_guidance: Sequence[float] = (1.0,), grid: bool = True, log_every: int = 100,
-             progress: bool = True) -> dict[str, Any]:
+def pretrain(
+    out_dir: str | os.PathLike,
+    steps: int = 12000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    *,
+    model_config: dict[str, Any] | None = None,
+    ckpt_dir: str | os.PathLike | None = None,
+    ckpt_every: int = 1000,
+    ema_decay: float = 0.999,
+    p_uncond: float = 0.1,
+    t_dist: str = "logit-normal",
+    warmup: int = 300,
+    cooldown: int = 0,
+    ship: str = "auto",
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    threads: int | None = 2,
+    eval_samples_per_prompt: int = 2,
+    eval_guidance: Sequence[float] = (1.0,),
+    grid: bool = True,
+    log_every: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Pretrain a shapes model from scratch; write the EMA weights to ``out_dir`` and evaluate them.
 
     ``steps`` optimizer steps of ``batch_size`` fresh pairs (``max_minutes`` stops earlier, counted
@@ -218,14 +266,27 @@ def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 6
         step, prior_wall = st["step"], st.get("wall_s", 0.0)
         log.info("resumed from %s at step %d", last, step)
     n_params = sum(p.numel() for p in net.parameters())
-    log.info("shapes model: %.2fM parameters, config %s", n_params / 1e6,
-             {k: v for k, v in model.config.items() if k != "vocab"})
+    log.info(
+        "shapes model: %.2fM parameters, config %s",
+        n_params / 1e6,
+        {k: v for k, v in model.config.items() if k != "vocab"},
+    )
 
     def save_ckpt() -> None:
         _model_with(ema, model.config).save_pretrained(ckpt_dir / f"step_{step:07d}", extra={"step": step})
         tmp = ckpt_dir / "last.pt.tmp"
-        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "rng": rng.bit_generator.state,
-                    "tgen": tgen.get_state(), "step": step, "wall_s": prior_wall + time.time() - t_start}, tmp)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema,
+                "rng": rng.bit_generator.state,
+                "tgen": tgen.get_state(),
+                "step": step,
+                "wall_s": prior_wall + time.time() - t_start,
+            },
+            tmp,
+        )
         os.replace(tmp, last)
 
     bar = tqdm(total=steps, initial=step, disable=not progress, desc="pretrain", dynamic_ncols=True, mininterval=5)
@@ -260,8 +321,13 @@ def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 6
         bar.update(1)
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-            log.info("step %d loss %.4f (data %.0f ms, model %.0f ms per step)", step, loss_avg,
-                     1000 * data_s / log_every, 1000 * model_s / log_every)
+            log.info(
+                "step %d loss %.4f (data %.0f ms, model %.0f ms per step)",
+                step,
+                loss_avg,
+                1000 * data_s / log_every,
+                1000 * model_s / log_every,
+            )
             data_s = model_s = 0.0
         if step % ckpt_every == 0:
             save_ckpt()
@@ -273,15 +339,36 @@ def pretrain(out_dir: str | os.PathLike, steps: int = 12000, batch_size: int = 6
     if ship not in ("raw", "ema"):
         raise ValueError(f"ship must be auto, raw or ema, got {ship!r}")
     final = _model_with(ema if ship == "ema" else net.state_dict(), model.config)
-    final.save_pretrained(out_dir, extra={"weights": ship, 
-        "step": step, "train": {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "t_dist": t_dist,
-                                "ema_decay": ema_decay, "warmup": warmup, "cooldown": cooldown, "p_uncond": p_uncond, "wall_s": round(wall, 1)}})
+    final.save_pretrained(
+        out_dir,
+        extra={
+            "weights": ship,
+            "step": step,
+            "train": {
+                "steps": step,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "t_dist": t_dist,
+                "ema_decay": ema_decay,
+                "warmup": warmup,
+                "cooldown": cooldown,
+                "p_uncond": p_uncond,
+                "wall_s": round(wall, 1),
+            },
+        },
+    )
     log.info("saved %s (%s weights) after %d steps, %.1f min", out_dir, ship, step, wall / 60)
-    final = ShapesFlowModel.from_pretrained(out_dir)   # evaluate exactly what was written (fp16)
+    final = ShapesFlowModel.from_pretrained(out_dir)  # evaluate exactly what was written (fp16)
     result: dict[str, Any] = {"steps": step, "wall_s": wall, "params": n_params, "eval": {}}
     for g in eval_guidance:
-        res = evaluate(final, samples_per_prompt=eval_samples_per_prompt, guidance_scale=g, seed=seed,
-                       grid_path=(ckpt_dir / f"samples_cfg{g:g}.png") if grid else None)
+        res = evaluate(
+            final,
+            samples_per_prompt=eval_samples_per_prompt,
+            guidance_scale=g,
+            seed=seed,
+            grid_path=(ckpt_dir / f"samples_cfg{g:g}.png") if grid else None,
+        )
         result["eval"][g] = res
         print(format_eval(res), flush=True)
     (ckpt_dir / "eval.json").write_text(json.dumps(result, indent=1, default=str))
@@ -300,8 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--cooldown", type=int, default=0, help="linear lr decay to 0 over the last N steps")
-    p.add_argument("--ship", default="auto", choices=["auto", "raw", "ema"],
-                   help="weights written to --out: auto = raw when --cooldown > 0 (annealed to lr 0), else EMA")
+    p.add_argument(
+        "--ship",
+        default="auto",
+        choices=["auto", "raw", "ema"],
+        help="weights written to --out: auto = raw when --cooldown > 0 (annealed to lr 0), else EMA",
+    )
     p.add_argument("--t-dist", default="logit-normal", choices=["logit-normal", "uniform"])
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time")
     p.add_argument("--threads", type=int, default=2)
@@ -311,8 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0])
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out")
     p.add_argument("--grid", help="with --eval-only: write a sample grid PNG here")
-    p.add_argument("--split", default="eval", choices=["eval", "train", "ood"],
-                   help="with --eval-only: which prompt_sets(seed=0) list to score")
+    p.add_argument(
+        "--split",
+        default="eval",
+        choices=["eval", "train", "ood"],
+        help="with --eval-only: which prompt_sets(seed=0) list to score",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -327,16 +422,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             if grid and len(a.eval_guidance) > 1:
                 grid = str(Path(grid).with_name(f"{Path(grid).stem}_cfg{g:g}{Path(grid).suffix}"))
             prompts = None if a.split == "eval" else shapes.prompt_sets(seed=0)[a.split]
-            res = evaluate(model, prompts, samples_per_prompt=a.eval_samples, guidance_scale=g, seed=a.seed,
-                           grid_path=grid)
+            res = evaluate(
+                model, prompts, samples_per_prompt=a.eval_samples, guidance_scale=g, seed=a.seed, grid_path=grid
+            )
             print(f"[{a.split} prompts]")
             print(format_eval(res), flush=True)
         return 0
-    pretrain(a.out, a.steps, a.batch_size, a.lr, a.seed, model_config=json.loads(a.config) if a.config else None,
-             ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every, ema_decay=a.ema_decay,
-             warmup=a.warmup, cooldown=a.cooldown, ship=a.ship, t_dist=a.t_dist,
-             max_minutes=a.max_minutes, threads=a.threads, resume=a.resume, eval_samples_per_prompt=a.eval_samples,
-             eval_guidance=a.eval_guidance, progress=not a.quiet)
+    pretrain(
+        a.out,
+        a.steps,
+        a.batch_size,
+        a.lr,
+        a.seed,
+        model_config=json.loads(a.config) if a.config else None,
+        ckpt_dir=a.ckpt_dir,
+        ckpt_every=a.ckpt_every,
+        ema_decay=a.ema_decay,
+        warmup=a.warmup,
+        cooldown=a.cooldown,
+        ship=a.ship,
+        t_dist=a.t_dist,
+        max_minutes=a.max_minutes,
+        threads=a.threads,
+        resume=a.resume,
+        eval_samples_per_prompt=a.eval_samples,
+        eval_guidance=a.eval_guidance,
+        progress=not a.quiet,
+    )
     return 0
 
 

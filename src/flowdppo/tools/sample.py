@@ -24,8 +24,11 @@ from typing import Any
 import torch
 
 FAMILY_PIPELINE = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-TRANSFORMERS = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel",
-                "Flux2KleinPipeline": "Flux2Transformer2DModel"}
+TRANSFORMERS = {
+    "StableDiffusion3Pipeline": "SD3Transformer2DModel",
+    "FluxPipeline": "FluxTransformer2DModel",
+    "Flux2KleinPipeline": "Flux2Transformer2DModel",
+}
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -41,23 +44,40 @@ def _adapter_info(adapter: str | None) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flowdppo sample", description="Sample images from a base model plus an adapter.")
-    p.add_argument("--model-family", choices=["sd3", "flux", "shapes"], default=None,
-                   help="default: the adapter's family (flowdppo_adapter.json), else shapes")
-    p.add_argument("--model-path", default=None, help="local diffusers folder or hub id (default: the adapter's base model)")
+    p.add_argument(
+        "--model-family",
+        choices=["sd3", "flux", "shapes"],
+        default=None,
+        help="default: the adapter's family (flowdppo_adapter.json), else shapes",
+    )
+    p.add_argument(
+        "--model-path", default=None, help="local diffusers folder or hub id (default: the adapter's base model)"
+    )
     p.add_argument("--adapter", default=None, help="adapter directory written by training (runs/<name>/adapter)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--num-steps", type=int, default=None, help="default: the pipeline's (10 for shapes)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the adapter's, else the pipeline's)")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the adapter's, else the pipeline's)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the adapter's, else the pipeline's)",
+    )
+    p.add_argument(
+        "--max-sequence-length", type=int, default=None, help="T5 tokens (default: the adapter's, else the pipeline's)"
+    )
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of a LoRA adapter")
     p.add_argument("--seed", type=int, default=0, help="image j of the run uses seed + j")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
     p.add_argument("--out", default="samples", help="output directory")
     return p.parse_args(argv)
 
@@ -71,8 +91,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def load_pipeline_with_adapter(family: str, model_path: str, adapter: str | None, dtype: torch.dtype,
-                               device: str, lora_scale: float = 1.0) -> Any:
+def load_pipeline_with_adapter(
+    family: str, model_path: str, adapter: str | None, dtype: torch.dtype, device: str, lora_scale: float = 1.0
+) -> Any:
     """The stock diffusers pipeline of ``family`` with the adapter loaded (LoRA or full transformer).
 
     The pipeline class is the one ``model_path`` declares (``model_index.json``), so ``family="flux"``
@@ -90,7 +111,8 @@ def load_pipeline_with_adapter(family: str, model_path: str, adapter: str | None
     adir = Path(adapter) if adapter else None
     if adir is not None and (adir / FULL_TRANSFORMER_DIR).is_dir():
         kwargs["transformer"] = getattr(diffusers, transformer_name).from_pretrained(
-            str(adir / FULL_TRANSFORMER_DIR), **_dtype_kwarg(dtype))
+            str(adir / FULL_TRANSFORMER_DIR), **_dtype_kwarg(dtype)
+        )
     pipe = pipe_cls.from_pretrained(model_path, **kwargs).to(device)
     if adir is not None and "transformer" not in kwargs:
         if not (adir / LORA_WEIGHT_NAME).exists():
@@ -121,7 +143,7 @@ def _sample_diffusers(args, family, prompts, info, device, dtype) -> list[tuple[
     jobs = [(p, args.seed + j) for j, p in enumerate(p for p in prompts for _ in range(args.num_images))]
     out = []
     for i in range(0, len(jobs), args.batch_size):
-        chunk = jobs[i:i + args.batch_size]
+        chunk = jobs[i : i + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
         images = pipe(prompt=[p for p, _ in chunk], generator=gens, output_type="pil", **call).images
         out += [(p, s, im) for (p, s), im in zip(chunk, images)]
@@ -139,8 +161,12 @@ def _sample_shapes(args, prompts, device, dtype) -> list[tuple[str, int, Any]]:
     out = []
     for j, p in enumerate(p for p in prompts for _ in range(args.num_images)):
         seed = args.seed + j
-        img = model.generate([p], num_steps=args.num_steps or 10, guidance_scale=args.guidance_scale or 1.0,
-                             generator=torch.Generator().manual_seed(seed))[0]
+        img = model.generate(
+            [p],
+            num_steps=args.num_steps or 10,
+            guidance_scale=args.guidance_scale or 1.0,
+            generator=torch.Generator().manual_seed(seed),
+        )[0]
         arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         out.append((p, seed, Image.fromarray(arr)))
     return out
@@ -153,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from flowdppo.models.diffusers_common import torch_dtype
+
     dtype = torch_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if family in FAMILY_PIPELINE:
         results = _sample_diffusers(args, family, prompts, info, device, dtype)
@@ -165,9 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{k:04d}_{_slug(prompt)}.png"
         image.save(out / name)
         records.append({"file": name, "prompt": prompt, "seed": seed})
-    meta = {"family": family, "model_path": args.model_path or info.get("base_model"), "adapter": args.adapter,
-            "num_steps": args.num_steps, "guidance_scale": args.guidance_scale, "lora_scale": args.lora_scale,
-            "images": records}
+    meta = {
+        "family": family,
+        "model_path": args.model_path or info.get("base_model"),
+        "adapter": args.adapter,
+        "num_steps": args.num_steps,
+        "guidance_scale": args.guidance_scale,
+        "lora_scale": args.lora_scale,
+        "images": records,
+    }
     (out / "samples.json").write_text(json.dumps(meta, indent=1))
     print(f"wrote {len(records)} images to {out}")
     return 0

@@ -38,8 +38,9 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,14 +72,14 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
     sharding: str = "ddp"
-    _engine: Any = None         # the DeepSpeed engine (sharding == "deepspeed")
-    _fsdp: bool = False         # fully_shard was applied
+    _engine: Any = None  # the DeepSpeed engine (sharding == "deepspeed")
+    _fsdp: bool = False  # fully_shard was applied
     _names: dict = field(default_factory=dict)  # id(sharded parameter) -> its name in model.module
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_env(cls, model_device: str = "cpu") -> "Dist":
+    def from_env(cls, model_device: str = "cpu") -> Dist:
         """Join the process group that ``torchrun`` / ``accelerate launch`` describe (``WORLD_SIZE``,
         ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); one process when ``WORLD_SIZE`` is unset or 1.
 
@@ -120,9 +121,11 @@ class Dist:
         """The rollout batch and every mini-batch must split evenly over the processes."""
         if rollout_size % self.world or minibatch_size % self.world:
             from flowdppo.config import ConfigError
+
             raise ConfigError(
                 f"with {self.world} processes, prompts_per_iter*group_size ({rollout_size}) and "
-                f"train.minibatch_size ({minibatch_size}) must be multiples of {self.world}")
+                f"train.minibatch_size ({minibatch_size}) must be multiples of {self.world}"
+            )
 
     # ------------------------------------------------------------------ splitting the work
 
@@ -153,7 +156,7 @@ class Dist:
             return t[:n]
         q = math.ceil(n / self.world)
         parts = self.all_gather_cat(t).split(q)
-        return torch.cat([p[:max(0, min((r + 1) * q, n) - r * q)] for r, p in enumerate(parts)])
+        return torch.cat([p[: max(0, min((r + 1) * q, n) - r * q)] for r, p in enumerate(parts)])
 
     # ------------------------------------------------------------------ collectives
 
@@ -165,6 +168,7 @@ class Dist:
         if not self.active:
             return t
         import torch.distributed as dist
+
         src = self._to_comm(t)
         out = [torch.empty_like(src) for _ in range(self.world)]
         dist.all_gather(out, src)
@@ -174,6 +178,7 @@ class Dist:
         """Sum ``t`` over processes, in place."""
         if self.active:
             import torch.distributed as dist
+
             buf = self._to_comm(t)
             dist.all_reduce(buf)
             if buf is not t:
@@ -185,6 +190,7 @@ class Dist:
         if not self.active:
             return
         import torch.distributed as dist
+
         with torch.no_grad():
             for t in tensors:
                 buf = self._to_comm(t)
@@ -197,6 +203,7 @@ class Dist:
         if not self.active:
             return obj
         import torch.distributed as dist
+
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -204,6 +211,7 @@ class Dist:
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
+
             dist.barrier()
 
     def all_reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
@@ -215,6 +223,7 @@ class Dist:
         if not self.active:
             return
         import torch.distributed as dist
+
         grads = [p.grad for p in params if p.grad is not None]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
@@ -232,7 +241,7 @@ class Dist:
                     dist.all_reduce(flat)
                     off = 0
                     for b in bucket:
-                        b.copy_(flat[off:off + b.numel()].view_as(b))
+                        b.copy_(flat[off : off + b.numel()].view_as(b))
                         off += b.numel()
                 if g is not None:
                     bucket, size = [g], g.numel()
@@ -245,14 +254,26 @@ class Dist:
         if not self.active:
             return part
         from flowdppo.training.rollout import Trajectories
+
         g = self.all_gather_cat
-        return Trajectories(list(prompts), group_ids, cond, part.sigmas, list(part.sde_steps), g(part.latents),
-                            g(part.next_latents), g(part.log_probs), g(part.means), g(part.final))
+        return Trajectories(
+            list(prompts),
+            group_ids,
+            cond,
+            part.sigmas,
+            list(part.sde_steps),
+            g(part.latents),
+            g(part.next_latents),
+            g(part.log_probs),
+            g(part.means),
+            g(part.final),
+        )
 
     # ------------------------------------------------------------------ the model and the step
 
-    def prepare(self, model, sharding: str = "ddp", optimizer_factory=None, micro_steps: int = 1,
-                grad_clip: float = 1.0):
+    def prepare(
+        self, model, sharding: str = "ddp", optimizer_factory=None, micro_steps: int = 1, grad_clip: float = 1.0
+    ):
         """Make ``model`` ready for ``world`` processes and return its optimizer.
 
         ``optimizer_factory(params)`` builds the optimizer on the (possibly sharded) trainable
@@ -261,6 +282,7 @@ class Dist:
         """
         if sharding not in SHARDINGS:
             from flowdppo.config import ConfigError
+
             raise ConfigError(f"train.sharding {sharding!r} is not valid; valid: {', '.join(SHARDINGS)}")
         self.sharding = sharding
         module: nn.Module = model.module
@@ -294,8 +316,14 @@ class Dist:
         for name, blocks in module.named_modules():
             # top-level block lists (transformer_blocks, single_transformer_blocks, ...): one unit per block
             parts = name.split(".")
-            if not isinstance(blocks, nn.ModuleList) or not name or parts[0] in frozen or any(
-                    isinstance(module.get_submodule(".".join(parts[:i])), nn.ModuleList) for i in range(1, len(parts))):
+            if (
+                not isinstance(blocks, nn.ModuleList)
+                or not name
+                or parts[0] in frozen
+                or any(
+                    isinstance(module.get_submodule(".".join(parts[:i])), nn.ModuleList) for i in range(1, len(parts))
+                )
+            ):
                 continue
             for blk in blocks:
                 if any(True for _ in blk.parameters()):
@@ -311,8 +339,13 @@ class Dist:
                 if hasattr(m, "set_force_sum_reduction_for_comms"):  # plain SUM (gloo has no PREMUL_SUM)
                     m.set_force_sum_reduction_for_comms(True)
         self._fsdp = True
-        log.info("FSDP2: %s sharded over %d processes as %d blocks + the root; kept whole: %s",
-                 type(module).__name__, self.world, units, ", ".join(sorted(frozen)) or "nothing")
+        log.info(
+            "FSDP2: %s sharded over %d processes as %d blocks + the root; kept whole: %s",
+            type(module).__name__,
+            self.world,
+            units,
+            ", ".join(sorted(frozen)) or "nothing",
+        )
 
     def _deepspeed(self, module: nn.Module, optimizer, micro_steps: int, grad_clip: float):
         """DeepSpeed ZeRO-2 through accelerate's plugin (``accelerate launch --config_file ...deepspeed_zero2.yaml``).
@@ -325,17 +358,23 @@ class Dist:
             import deepspeed  # noqa: F401
             from accelerate import Accelerator
         except ImportError as e:
-            raise RuntimeError("train.sharding=deepspeed needs `pip install deepspeed accelerate` and "
-                               "`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml`") from e
+            raise RuntimeError(
+                "train.sharding=deepspeed needs `pip install deepspeed accelerate` and "
+                "`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml`"
+            ) from e
         acc = Accelerator()
         plugin = acc.state.deepspeed_plugin
         if plugin is None:
-            raise RuntimeError("train.sharding=deepspeed: launch with accelerate and a DeepSpeed config "
-                               "(configs/accelerate/deepspeed_zero2.yaml)")
+            raise RuntimeError(
+                "train.sharding=deepspeed: launch with accelerate and a DeepSpeed config "
+                "(configs/accelerate/deepspeed_zero2.yaml)"
+            )
         ds = plugin.deepspeed_config
         if int(ds.get("zero_optimization", {}).get("stage", 2)) > 2:
-            raise RuntimeError("ZeRO-3 shards the parameters, which the adapters' direct submodule calls bypass; "
-                               "use ZeRO-2 or train.sharding=fsdp2")
+            raise RuntimeError(
+                "ZeRO-3 shards the parameters, which the adapters' direct submodule calls bypass; "
+                "use ZeRO-2 or train.sharding=fsdp2"
+            )
         ds["train_micro_batch_size_per_gpu"] = 1  # bookkeeping only: our micro-batches are sized by the trainer
         ds["gradient_accumulation_steps"] = micro_steps
         ds["train_batch_size"] = micro_steps * self.world
@@ -396,18 +435,23 @@ class Dist:
             return
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import distribute_tensor
+
         for m in model.module.modules():  # no stale whole copies: the next forward gathers the new shards
             if isinstance(m, FSDPModule):
                 m.reshard()
         names = self._names
         wanted = {names[id(p)] for p in params}
         if set(state) != wanted:
-            raise KeyError(f"checkpoint weights do not match the trainable parameters: missing "
-                           f"{sorted(wanted - set(state))[:5]}, unexpected {sorted(set(state) - wanted)[:5]}")
+            raise KeyError(
+                f"checkpoint weights do not match the trainable parameters: missing "
+                f"{sorted(wanted - set(state))[:5]}, unexpected {sorted(set(state) - wanted)[:5]}"
+            )
         with torch.no_grad():
             for p in params:
                 full = state[names[id(p)]].to(p.device, p.dtype)
-                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if _is_dtensor(p) else full)
+                p.copy_(
+                    distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if _is_dtensor(p) else full
+                )
 
     def optimizer_state(self, optimizer) -> dict | None:
         """The optimizer's ``state_dict`` with full tensors on rank 0 (``None`` elsewhere); the format of a
@@ -430,13 +474,17 @@ class Dist:
             return
         if self._fsdp:
             from torch.distributed.tensor import distribute_tensor
+
             order = [p for g in optimizer.param_groups for p in g["params"]]
             state = {}
             for i, st in sd["state"].items():
                 p = order[int(i)]
-                state[i] = {k: distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                            if _is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0 else v
-                            for k, v in st.items()}
+                state[i] = {
+                    k: distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                    if _is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0
+                    else v
+                    for k, v in st.items()
+                }
             sd = {"state": state, "param_groups": sd["param_groups"]}
         optimizer.load_state_dict(sd)
 
@@ -459,6 +507,7 @@ class Dist:
             yield
             return
         from torch.distributed.fsdp import FSDPModule
+
         units = [m for m in module.modules() if isinstance(m, FSDPModule)]
         with torch.no_grad():
             for m in units:
@@ -495,7 +544,9 @@ def enable_gradient_checkpointing(model) -> bool:
         return True
     done = False
     for m in model.module.modules():
-        if getattr(m, "_supports_gradient_checkpointing", False) and callable(getattr(m, "enable_gradient_checkpointing", None)):
+        if getattr(m, "_supports_gradient_checkpointing", False) and callable(
+            getattr(m, "enable_gradient_checkpointing", None)
+        ):
             m.enable_gradient_checkpointing()
             done = True
     if not done:

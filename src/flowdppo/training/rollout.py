@@ -11,13 +11,13 @@ Shapes: ``B`` samples, ``S`` SDE steps, latents ``[C, H, W]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-from flowdppo.models.base import Cond, FlowModel
 from flowdppo.core.sde import Kernel, StepOutput
+from flowdppo.models.base import Cond, FlowModel
 
 
 @dataclass
@@ -25,15 +25,15 @@ class Trajectories:
     """A rollout batch. ``latents``/``next_latents``/``means``: ``[B, S, C, H, W]``; ``log_probs``: ``[B, S]``."""
 
     prompts: list[str]
-    group_ids: torch.Tensor          # [B] prompt index of each sample
-    cond: Cond                       # [B] conditioning (already one row per sample)
-    sigmas: torch.Tensor             # [N + 1]
-    sde_steps: list[int]             # the S step indices
+    group_ids: torch.Tensor  # [B] prompt index of each sample
+    cond: Cond  # [B] conditioning (already one row per sample)
+    sigmas: torch.Tensor  # [N + 1]
+    sde_steps: list[int]  # the S step indices
     latents: torch.Tensor
     next_latents: torch.Tensor
     log_probs: torch.Tensor
     means: torch.Tensor
-    final: torch.Tensor              # [B, C, H, W]
+    final: torch.Tensor  # [B, C, H, W]
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,9 +52,17 @@ def _sigma_batch(value: torch.Tensor, b: int, device: torch.device) -> torch.Ten
 
 
 @torch.no_grad()
-def sample(model: FlowModel, kernel: Kernel, cond: Cond, sigmas: torch.Tensor, sde_steps: Sequence[int],
-           noise: torch.Tensor, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-           step_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def sample(
+    model: FlowModel,
+    kernel: Kernel,
+    cond: Cond,
+    sigmas: torch.Tensor,
+    sde_steps: Sequence[int],
+    noise: torch.Tensor,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    step_noise: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Run one batch through the schedule. ``noise`` is the initial ``x_1`` ``[B, C, H, W]``.
 
     ``step_noise`` ``[B, S, C, H, W]`` optionally fixes the SDE noise (else drawn from ``generator``).
@@ -93,10 +101,22 @@ def sample(model: FlowModel, kernel: Kernel, cond: Cond, sigmas: torch.Tensor, s
     }
 
 
-def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids: torch.Tensor, cond: Cond,
-            sigmas: torch.Tensor, sde_steps: Sequence[int], guidance_scale: float, generator: torch.Generator,
-            batch_size: int, store_device: torch.device | str | None = None, progress=None,
-            part: slice | None = None, same_initial_noise: bool = False) -> Trajectories:
+def rollout(
+    model: FlowModel,
+    kernel: Kernel,
+    prompts: Sequence[str],
+    group_ids: torch.Tensor,
+    cond: Cond,
+    sigmas: torch.Tensor,
+    sde_steps: Sequence[int],
+    guidance_scale: float,
+    generator: torch.Generator,
+    batch_size: int,
+    store_device: torch.device | str | None = None,
+    progress=None,
+    part: slice | None = None,
+    same_initial_noise: bool = False,
+) -> Trajectories:
     """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
     from ``generator`` (CPU) so a run is reproducible whatever the device.
 
@@ -125,20 +145,39 @@ def rollout(model: FlowModel, kernel: Kernel, prompts: Sequence[str], group_ids:
     chunks: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         idx = slice(start, min(start + batch_size, len(prompts)))
-        out = sample(model, kernel, cond.index(idx).to(model.device), sigmas, sde_steps,
-                     noise[idx].to(model.device), guidance_scale, step_noise=step_noise[idx].to(model.device))
+        out = sample(
+            model,
+            kernel,
+            cond.index(idx).to(model.device),
+            sigmas,
+            sde_steps,
+            noise[idx].to(model.device),
+            guidance_scale,
+            step_noise=step_noise[idx].to(model.device),
+        )
         if store_device is not None:
             out = {k: v.to(store_device) for k, v in out.items()}
         chunks.append(out)
         if progress is not None:
             progress(idx.stop - idx.start)
     cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
-    return Trajectories(prompts, group_ids, cond, sigmas, list(sde_steps), cat["latents"],
-                        cat["next_latents"], cat["log_probs"], cat["means"], cat["final"])
+    return Trajectories(
+        prompts,
+        group_ids,
+        cond,
+        sigmas,
+        list(sde_steps),
+        cat["latents"],
+        cat["next_latents"],
+        cat["log_probs"],
+        cat["means"],
+        cat["final"],
+    )
 
 
-def replay_step(model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch.Tensor, j: int,
-                guidance_scale: float) -> StepOutput:
+def replay_step(
+    model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch.Tensor, j: int, guidance_scale: float
+) -> StepOutput:
     """Score stored SDE step ``j`` (column of ``traj``) for samples ``idx`` under the current weights.
 
     Runs with whatever grad mode the caller set. Returns the kernel's output: ``mean`` ``[b, C, H, W]``,
@@ -155,7 +194,8 @@ def replay_step(model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch
 
 
 @torch.no_grad()
-def ode_sample(model: FlowModel, cond: Cond, sigmas: torch.Tensor, noise: torch.Tensor,
-               guidance_scale: float = 1.0) -> torch.Tensor:
+def ode_sample(
+    model: FlowModel, cond: Cond, sigmas: torch.Tensor, noise: torch.Tensor, guidance_scale: float = 1.0
+) -> torch.Tensor:
     """Deterministic Euler sampling (evaluation): final latents ``[B, C, H, W]``."""
     return sample(model, Kernel(sampler="ode", eta=0.0), cond, sigmas, [], noise, guidance_scale)["final"]

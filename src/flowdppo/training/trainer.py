@@ -27,24 +27,25 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from flowdppo.config import Config, ConfigError
 from flowdppo.core import advantages as adv_lib
 from flowdppo.core.analysis import ratio_noise_report
-from flowdppo.config import Config, ConfigError
-from flowdppo.training.distributed import Dist, NullLogger, enable_gradient_checkpointing
 from flowdppo.core.losses import LossInputs, LossSpec, policy_loss
+from flowdppo.core.sde import Kernel, uniform_shift_sigmas
+from flowdppo.core.steps import StepSelection
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
 from flowdppo.rewards import build_reward
+from flowdppo.training.distributed import Dist, NullLogger, enable_gradient_checkpointing
 from flowdppo.training.rollout import Trajectories, ode_sample, replay_step, rollout
-from flowdppo.core.sde import Kernel, uniform_shift_sigmas
-from flowdppo.core.steps import StepSelection
 
 log = logging.getLogger("flowdppo")
 
@@ -67,6 +68,7 @@ class RunLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except Exception as e:  # pragma: no cover - tensorboard is a dependency
                 log.warning("TensorBoard disabled: %s", e)
@@ -75,7 +77,9 @@ class RunLogger:
         """Drop lines of iterations > ``iteration`` (a resumed run rewrites them)."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration]
+        keep = [
+            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration
+        ]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -100,10 +104,17 @@ class Trainer:
     model, the shapes reward and the shapes world's train split).
     """
 
-    def __init__(self, cfg: Config, model: FlowModel | None = None,
-                 reward_fn: Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]] | None = None,
-                 prompts: Sequence[str] | None = None, run_dir: str | os.PathLike | None = None,
-                 eval_sets: dict[str, list[str]] | None = None, overwrite: bool = False, dist: Dist | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: FlowModel | None = None,
+        reward_fn: Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        prompts: Sequence[str] | None = None,
+        run_dir: str | os.PathLike | None = None,
+        eval_sets: dict[str, list[str]] | None = None,
+        overwrite: bool = False,
+        dist: Dist | None = None,
+    ):
         self.cfg = cfg
         # several processes (torchrun / accelerate launch): see flowdppo.training.distributed; one process by default
         self.dist = dist if dist is not None else Dist.from_env(cfg.model.device)
@@ -114,8 +125,11 @@ class Trainer:
         self.dist.barrier()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
-        self.model = model if model is not None else build_model(
-            dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
+        self.model = (
+            model
+            if model is not None
+            else build_model(dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
+        )
         self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
         self.shapes_world = reward_fn is None and cfg.reward.name == "shapes"  # per-category evaluation
         self.train_prompts, self.eval_sets = self._prompt_sources(prompts, eval_sets)
@@ -127,8 +141,9 @@ class Trainer:
             self.sigmas = self.model.sigmas(s.num_steps, schedule).float().cpu()
         if self.sigmas.shape != (s.num_steps + 1,):
             raise ValueError(f"model.sigmas returned shape {tuple(self.sigmas.shape)}, expected ({s.num_steps + 1},)")
-        self.kernel = Kernel.for_schedule(self.sigmas, sampler=s.sampler, eta=s.eta,
-                                          logprob_reduction=s.logprob_reduction, cps_logprob=s.cps_logprob)
+        self.kernel = Kernel.for_schedule(
+            self.sigmas, sampler=s.sampler, eta=s.eta, logprob_reduction=s.logprob_reduction, cps_logprob=s.cps_logprob
+        )
         a = cfg.algorithm
         self.loss_spec = LossSpec(name=a.loss, delta=a.delta, clip_eps=a.clip_eps, adv_clip=a.adv_clip, beta=a.beta)
         self.step_sel = StepSelection(**asdict(cfg.steps))
@@ -138,12 +153,18 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         # backward passes per optimizer step on one process (DeepSpeed's accumulation count)
-        micro_steps = math.ceil(t.minibatch_size // self.dist.world / t.micro_batch_size) * \
-            len(self.step_sel.select(s.num_steps, t.seed, 0))
+        micro_steps = math.ceil(t.minibatch_size // self.dist.world / t.micro_batch_size) * len(
+            self.step_sel.select(s.num_steps, t.seed, 0)
+        )
         self.params, self.optimizer = self.dist.prepare(
-            self.model, t.sharding, lambda ps: torch.optim.AdamW(ps, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                                                 weight_decay=t.weight_decay),
-            micro_steps=micro_steps, grad_clip=t.grad_clip)
+            self.model,
+            t.sharding,
+            lambda ps: torch.optim.AdamW(
+                ps, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+            ),
+            micro_steps=micro_steps,
+            grad_clip=t.grad_clip,
+        )
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
         self.iteration = 0  # completed iterations
         self.logger = RunLogger(self.run_dir, cfg.log.tensorboard) if self.dist.is_main else NullLogger()
@@ -166,9 +187,12 @@ class Trainer:
             if cfg.model.family != "shapes" and prompts is None:
                 raise ConfigError("train.prompts_file is required for models other than the embedded shapes model")
             from flowdppo.worlds import shapes
+
             sets = shapes.prompt_sets(seed=0)
             if cfg.train.prompt_split not in sets:
-                raise ConfigError(f"train.prompt_split {cfg.train.prompt_split!r} is not valid; valid: {', '.join(sets)}")
+                raise ConfigError(
+                    f"train.prompt_split {cfg.train.prompt_split!r} is not valid; valid: {', '.join(sets)}"
+                )
             if prompts is None:
                 prompts = [p.text for p in sets[cfg.train.prompt_split]]
             if eval_sets is None:
@@ -193,8 +217,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def collect(self, it: int, prompt_iteration: int | None = None
-                ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
+    def collect(
+        self, it: int, prompt_iteration: int | None = None
+    ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
         """Steps 1-2 of iteration ``it``: roll out (every draw seeded by ``(seed, it)``), score, and compute
         advantages. ``prompt_iteration`` draws the prompts of another iteration (same prompts, new noise).
         Returns ``(trajectories, advantages [B], reward metrics, timing)``."""
@@ -203,8 +228,12 @@ class Trainer:
         tic = time.perf_counter()
         sde_steps = self.step_sel.select(cfg.sampling.num_steps, t.seed, it)
         rng = np.random.default_rng(_seed_for(t.seed, it if prompt_iteration is None else prompt_iteration, 0))
-        chosen = [self.train_prompts[i] for i in rng.choice(len(self.train_prompts), t.prompts_per_iter,
-                                                            replace=len(self.train_prompts) < t.prompts_per_iter)]
+        chosen = [
+            self.train_prompts[i]
+            for i in rng.choice(
+                len(self.train_prompts), t.prompts_per_iter, replace=len(self.train_prompts) < t.prompts_per_iter
+            )
+        ]
         prompts = [p for p in chosen for _ in range(t.group_size)]
         group_ids = torch.arange(len(chosen)).repeat_interleave(t.group_size)
         cond = self.encode(chosen).repeat_interleave(t.group_size)
@@ -213,9 +242,21 @@ class Trainer:
         self.model.module.eval()
         store = "cpu" if t.trajectories_on_cpu else None
         part = self.dist.share(len(prompts))
-        traj = rollout(self.model, self.kernel, prompts, group_ids, cond, self.sigmas, sde_steps,
-                       cfg.sampling.guidance_scale, _gen(t.seed, it, 1), t.rollout_batch_size, store_device=store,
-                       part=part, same_initial_noise=cfg.sampling.same_initial_noise)
+        traj = rollout(
+            self.model,
+            self.kernel,
+            prompts,
+            group_ids,
+            cond,
+            self.sigmas,
+            sde_steps,
+            cfg.sampling.guidance_scale,
+            _gen(t.seed, it, 1),
+            t.rollout_batch_size,
+            store_device=store,
+            part=part,
+            same_initial_noise=cfg.sampling.same_initial_noise,
+        )
         with torch.no_grad():
             images = self.model.decode(traj.final.to(self.model.device)).float().cpu()
         traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
@@ -223,7 +264,9 @@ class Trainer:
 
         # 2. rewards (gathered: advantages see the whole batch, identically on every process)
         tic = time.perf_counter()
-        rewards = {k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()}
+        rewards = {
+            k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()
+        }
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
         return traj, adv, reward_metrics, timing
@@ -252,7 +295,9 @@ class Trainer:
         metrics: dict[str, Any] = {"iteration": it, "sde_steps": sde_steps}
         metrics.update(reward_metrics)
         metrics.update(_mean_metrics(mb_metrics))
-        metrics.update({f"first_mb/{k}": mb_metrics[0][k] for k in ("ratio_min", "ratio_max", "kl_max") if k in mb_metrics[0]})
+        metrics.update(
+            {f"first_mb/{k}": mb_metrics[0][k] for k in ("ratio_min", "ratio_max", "kl_max") if k in mb_metrics[0]}
+        )
         metrics["num_optimizer_steps"] = len(mb_metrics)
         metrics.update(anchor["metrics"])
         if cfg.eval.ratio_noise_every and it % cfg.eval.ratio_noise_every == 0:
@@ -267,8 +312,9 @@ class Trainer:
         weights = self.cfg.reward.weights
         missing = [k for k in weights if k not in rewards]
         if missing:
-            raise ConfigError(f"reward.weights names {missing[0]!r}, which the reward does not return; "
-                              f"valid: {', '.join(rewards)}")
+            raise ConfigError(
+                f"reward.weights names {missing[0]!r}, which the reward does not return; valid: {', '.join(rewards)}"
+            )
         names = list(weights)
         stacked = torch.stack([rewards[k] for k in names], 1)
         total = adv_lib.combine_rewards(stacked, [weights[k] for k in names])
@@ -283,8 +329,15 @@ class Trainer:
         m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
         m["reward/total"] = float(total.mean())
         m["reward/zero_std_group_frac"] = adv_lib.zero_std_group_fraction(total, group_ids)
-        m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/min": float(adv.min()),
-                  "adv/max": float(adv.max()), "adv/abs_mean": float(adv.abs().mean())})
+        m.update(
+            {
+                "adv/mean": float(adv.mean()),
+                "adv/std": float(adv.std()),
+                "adv/min": float(adv.min()),
+                "adv/max": float(adv.max()),
+                "adv/abs_mean": float(adv.abs().mean()),
+            }
+        )
         return adv.float(), m
 
     @torch.no_grad()
@@ -316,8 +369,12 @@ class Trainer:
         diff = (logp - traj.log_probs.cpu()).abs()
         tol = self.cfg.sampling.replay_tolerance
         if float(diff.max()) > tol:
-            log.warning("replay log-prob differs from the rollout's by up to %.3g (> replay_tolerance %.3g): "
-                        "rollout and training forward passes disagree", float(diff.max()), tol)
+            log.warning(
+                "replay log-prob differs from the rollout's by up to %.3g (> replay_tolerance %.3g): "
+                "rollout and training forward passes disagree",
+                float(diff.max()),
+                tol,
+            )
         m = {"replay/logp_abs_diff_max": float(diff.max())}
         if t.log_ref_kl:
             m["kl_ref"] = float(kl_ref.mean())
@@ -325,7 +382,9 @@ class Trainer:
                 m[f"kl_ref/step{k}"] = float(kl_ref[:, j].mean())
         return {"logp": logp, "means": means, "std": std, "metrics": m}
 
-    def train_minibatch(self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict) -> dict[str, float]:
+    def train_minibatch(
+        self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict
+    ) -> dict[str, float]:
         """One optimizer step on samples ``mb``; returns the loss metrics of the whole mini-batch."""
         t, g, spec = self.cfg.train, self.cfg.sampling.guidance_scale, self.loss_spec
         s = len(traj.sde_steps)
@@ -347,11 +406,16 @@ class Trainer:
                     kl_ref = self.kernel.kl(out.mean, ref.mean, std)[:, None]
                 step_sigma = traj.sigmas[traj.sde_steps[j]] - traj.sigmas[traj.sde_steps[j] + 1]
                 inp = LossInputs(
-                    logp_new=out.log_prob[:, None], logp_old=anchor["logp"][micro, j][:, None].to(dev),
-                    adv=adv[micro].to(dev), kl=kl[:, None],
+                    logp_new=out.log_prob[:, None],
+                    logp_old=anchor["logp"][micro, j][:, None].to(dev),
+                    adv=adv[micro].to(dev),
+                    kl=kl[:, None],
                     mean_new=out.mean[:, None] if spec.needs_means else None,
                     mean_old=mean_old[:, None] if spec.needs_means else None,
-                    std=std[:, None], dt=step_sigma.to(dev).expand(len(micro), 1).float(), kl_ref=kl_ref)
+                    std=std[:, None],
+                    dt=step_sigma.to(dev).expand(len(micro), 1).float(),
+                    kl_ref=kl_ref,
+                )
                 loss, _ = policy_loss(inp, spec)
                 self.dist.backward(loss.sum() / n_entries)
                 cols["logp_new"].append(out.log_prob.detach().cpu())
@@ -369,12 +433,16 @@ class Trainer:
         idx = self.dist.all_gather_cat(torch.cat(rec["idx"]))
         cat = {k: self.dist.all_gather_cat(torch.cat(v, 0)) for k, v in rec.items() if v and k != "idx"}
         inp = LossInputs(
-            logp_new=cat["logp_new"], logp_old=anchor["logp"][idx], adv=adv[idx], kl=cat["kl"],
+            logp_new=cat["logp_new"],
+            logp_old=anchor["logp"][idx],
+            adv=adv[idx],
+            kl=cat["kl"],
             mean_new=cat.get("mean_new"),
             mean_old=anchor["means"][idx].cpu() if "mean_new" in cat else None,
             std=anchor["std"][idx],
             dt=torch.stack([traj.sigmas[k] - traj.sigmas[k + 1] for k in traj.sde_steps]).float().expand(len(idx), s),
-            kl_ref=cat.get("kl_ref"))
+            kl_ref=cat.get("kl_ref"),
+        )
         with torch.no_grad():
             _, m = policy_loss(inp, spec)
         m["grad_norm"] = float(grad_norm)
@@ -386,13 +454,33 @@ class Trainer:
         n = min(self.cfg.eval.ratio_noise_samples, len(traj))
         idx = torch.arange(n)
         self.model.module.eval()
-        mean_new = torch.stack([replay_step(self.model, self.kernel, traj, idx, j, self.cfg.sampling.guidance_scale)
-                                .mean.cpu() for j in range(len(traj.sde_steps))], 1)
-        stats = ratio_noise_report(anchor["means"][idx].cpu(), mean_new, anchor["std"][idx], traj.next_latents[idx].cpu(),
-                                   clip_eps=0.2, reduction="sum", step_indices=traj.sde_steps)
+        mean_new = torch.stack(
+            [
+                replay_step(self.model, self.kernel, traj, idx, j, self.cfg.sampling.guidance_scale).mean.cpu()
+                for j in range(len(traj.sde_steps))
+            ],
+            1,
+        )
+        stats = ratio_noise_report(
+            anchor["means"][idx].cpu(),
+            mean_new,
+            anchor["std"][idx],
+            traj.next_latents[idx].cpu(),
+            clip_eps=0.2,
+            reduction="sum",
+            step_indices=traj.sde_steps,
+        )
         out = {}
         for st in stats:
-            for k in ("kl_mean", "log_r_mean", "log_r_std", "log_r_std_pred", "ratio_median", "clip_low_frac", "clip_high_frac"):
+            for k in (
+                "kl_mean",
+                "log_r_mean",
+                "log_r_std",
+                "log_r_std_pred",
+                "ratio_median",
+                "clip_low_frac",
+                "clip_high_frac",
+            ):
                 out[f"ratio_noise/step{st.step}/{k}"] = getattr(st, k)
         return out
 
@@ -416,23 +504,37 @@ class Trainer:
             prompts = [p for p in unique for _ in range(n_rep)]
             gen = torch.Generator().manual_seed(cfg.eval.seed)
             bs = cfg.train.rollout_batch_size
-            noise = torch.cat([torch.randn((min(bs, len(prompts) - start), c, h, w), generator=gen)
-                               for start in range(0, len(prompts), bs)])
+            noise = torch.cat(
+                [
+                    torch.randn((min(bs, len(prompts) - start), c, h, w), generator=gen)
+                    for start in range(0, len(prompts), bs)
+                ]
+            )
             # this process's part of the set, padded so that every process runs the same forwards
             mine, _ = self.dist.padded_share(len(prompts))
             local = [prompts[i] for i in mine.tolist()]
             finals = []
             for start in range(0, len(local), bs):
-                sel = mine[start:start + bs]
-                finals.append(ode_sample(self.model, self.encode(local[start:start + bs]).to(self.model.device),
-                                         self.sigmas, noise[sel].to(self.model.device), cfg.sampling.guidance_scale).cpu())
+                sel = mine[start : start + bs]
+                finals.append(
+                    ode_sample(
+                        self.model,
+                        self.encode(local[start : start + bs]).to(self.model.device),
+                        self.sigmas,
+                        noise[sel].to(self.model.device),
+                        cfg.sampling.guidance_scale,
+                    ).cpu()
+                )
             images = self.model.decode(torch.cat(finals).to(self.model.device)).float().cpu()
-            scores = {k: self.dist.gather_padded(v.float().cpu(), len(prompts))
-                      for k, v in self.reward_fn(local, images).items()}
+            scores = {
+                k: self.dist.gather_padded(v.float().cpu(), len(prompts))
+                for k, v in self.reward_fn(local, images).items()
+            }
             for k, v in scores.items():
                 out[f"eval/{name}/{k}"] = float(v.mean())
             if self.shapes_world:
                 from flowdppo.worlds import shapes
+
                 cats = [shapes.parse_prompt(p).category for p in prompts]
                 for cat in sorted(set(cats)):
                     sel = torch.tensor([ci == cat for ci in cats])
@@ -443,6 +545,7 @@ class Trainer:
     def image_grid(self, path: Path, n_prompts: int | None = None, n_seeds: int = 4) -> Path | None:
         """A PNG grid: rows = the first evaluation prompts, columns = fixed seeds (same before/after)."""
         from flowdppo.report import save_image_grid
+
         prompts = next(iter(self.eval_sets.values()), [])[: n_prompts or self.cfg.eval.grid_prompts]
         if not prompts:
             return None
@@ -451,8 +554,9 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.eval.seed + 1)
         rows = [p for p in prompts for _ in range(n_seeds)]
         noise = torch.randn((len(rows), c, h, w), generator=gen).to(self.model.device)
-        finals = ode_sample(self.model, self.encode(rows).to(self.model.device), self.sigmas, noise,
-                            self.cfg.sampling.guidance_scale)
+        finals = ode_sample(
+            self.model, self.encode(rows).to(self.model.device), self.sigmas, noise, self.cfg.sampling.guidance_scale
+        )
         images = self.model.decode(finals).float().cpu()
         if not self.dist.is_main:  # every process sampled (FSDP2 needs it); rank 0 writes
             return None
@@ -470,7 +574,7 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         name = f"ckpt-{self.iteration:06d}"
         tmp, final = root / (name + ".tmp"), root / name
-        weights = self.dist.full_state(self.model, self.params)     # full tensors on rank 0, None elsewhere
+        weights = self.dist.full_state(self.model, self.params)  # full tensors on rank 0, None elsewhere
         optim = self.dist.optimizer_state(self.optimizer)
         if self.dist.is_main:
             root.mkdir(exist_ok=True)
@@ -484,14 +588,18 @@ class Trainer:
                 self.dist.barrier()  # rank 0 has written the files
             return final
         from safetensors.torch import save_file
+
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
-        torch.save({
-            "iteration": self.iteration,
-            "optimizer": optim,
-            "tracker": self.tracker.state_dict() if self.tracker else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "history": self.history,
-        }, tmp / "state.pt")
+        torch.save(
+            {
+                "iteration": self.iteration,
+                "optimizer": optim,
+                "tracker": self.tracker.state_dict() if self.tracker else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "history": self.history,
+            },
+            tmp / "state.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = root / "latest.tmp"
@@ -512,6 +620,7 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint in {root}: nothing to resume")
             path = root / latest.read_text().strip()
         from safetensors.torch import load_file
+
         # every process reads the same files (a shared file system for several nodes)
         self.dist.load_state(self.model, self.params, load_file(str(path / "adapter.safetensors")))
         state = torch.load(path / "state.pt", weights_only=False)
@@ -540,7 +649,10 @@ class Trainer:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="flowdppo", unit="it", dynamic_ncols=True)
+
+            bar = tqdm(
+                total=cfg.train.iterations, initial=self.iteration, desc="flowdppo", unit="it", dynamic_ncols=True
+            )
         evals_path = self.run_dir / "eval.jsonl"
         try:
             if self.iteration == 0 and self.eval_sets:
@@ -551,7 +663,11 @@ class Trainer:
                 it = self.iteration
                 m = self.iteration_step(it)
                 self.iteration = it + 1
-                if self.eval_sets and cfg.eval.every and (self.iteration % cfg.eval.every == 0 or self.iteration == cfg.train.iterations):
+                if (
+                    self.eval_sets
+                    and cfg.eval.every
+                    and (self.iteration % cfg.eval.every == 0 or self.iteration == cfg.train.iterations)
+                ):
                     tic = time.perf_counter()
                     m.update(self._log_eval(it, evals_path))
                     m["time/eval"] = time.perf_counter() - tic
@@ -588,6 +704,7 @@ class Trainer:
                     self.model.save_adapter(str(self.run_dir / "adapter"))
             if self.dist.is_main:
                 from flowdppo.report import write_report
+
                 write_report(self.run_dir)
             self.dist.barrier()
         self.logger.close()
@@ -623,6 +740,7 @@ def _read_lines(path: str) -> list[str]:
 def resume(run_dir: str | os.PathLike, overrides: list[str] | None = None, **kwargs: Any) -> Trainer:
     """A trainer for ``run_dir`` restored from its latest checkpoint (config from ``run_dir/config.yaml``)."""
     from flowdppo.config import load_run_config
+
     cfg = load_run_config(str(run_dir), overrides)
     trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
     trainer.load_checkpoint()

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from itertools import permutations, product
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,17 +48,17 @@ NUMBERS: tuple[str, ...] = ("one", "two", "three", "four")
 # Colour-shape pairs never named in train/eval text (their images still occur, e.g. for "a triangle").
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 
-EVAL_FRACTION = 0.25      # share of a category's strings held out for "eval" ...
-MIN_SPLIT = 8             # ... when it has at least this many strings (else train and eval share them)
-POS_THRESHOLD = 0.1       # GenEval-style relation margin, in units of the two objects' extents
+EVAL_FRACTION = 0.25  # share of a category's strings held out for "eval" ...
+MIN_SPLIT = 8  # ... when it has at least this many strings (else train and eval share them)
+POS_THRESHOLD = 0.1  # GenEval-style relation margin, in units of the two objects' extents
 # detector thresholds (colour distances are Euclidean in RGB [0, 1])
-TAU_RES = 0.2             # max distance of a pixel from its colour's segment
-TAU_BG = 0.25             # an off-segment pixel this close to the background is background
-MIN_AREA = 8              # components smaller than this (at 32x32) are specks and ignored
-COLOR_SHARE = 0.75        # the majority colour must hold this share of a component's pixels
-IOU_MIN, IOU_MARGIN = 0.75, 0.06   # shape: best template soft-IoU, and its lead over the runner-up
-HALO_MIN = 0.2            # soft coverage below this is ignored in the shape IoU
-BLURS = (0.0, 0.5, 0.8, 1.1)   # Gaussian blurs (px) tried on the shape templates
+TAU_RES = 0.2  # max distance of a pixel from its colour's segment
+TAU_BG = 0.25  # an off-segment pixel this close to the background is background
+MIN_AREA = 8  # components smaller than this (at 32x32) are specks and ignored
+COLOR_SHARE = 0.75  # the majority colour must hold this share of a component's pixels
+IOU_MIN, IOU_MARGIN = 0.75, 0.06  # shape: best template soft-IoU, and its lead over the runner-up
+HALO_MIN = 0.2  # soft coverage below this is ignored in the shape IoU
+BLURS = (0.0, 0.5, 0.8, 1.1)  # Gaussian blurs (px) tried on the shape templates
 SIZE_RANGE = (2.5, 10.5)  # plausible half-extents (px, at 32x32); scenes use 4..7
 MOMENT_TOL = (0.25, 0.15)  # max |log anisotropy| and |x-y correlation| differences, blob vs template
 
@@ -127,11 +128,11 @@ class Score:
 def _coverage(shape: str, cx: float, cy: float, s: float, x0: int, y0: int, h: int, w: int, ss: int = 4) -> np.ndarray:
     """Fraction ``[h, w]`` of each pixel of the window at ``(y0, x0)`` covered by the shape (``ss x ss`` samples)."""
     off = (np.arange(ss) + 0.5) / ss
-    xs = (x0 + np.arange(w)[:, None] + off[None, :]).reshape(-1) - cx   # [w * ss]
-    ys = (y0 + np.arange(h)[:, None] + off[None, :]).reshape(-1) - cy   # [h * ss]
+    xs = (x0 + np.arange(w)[:, None] + off[None, :]).reshape(-1) - cx  # [w * ss]
+    ys = (y0 + np.arange(h)[:, None] + off[None, :]).reshape(-1) - cy  # [h * ss]
     X, Y = xs[None, :], ys[:, None]
     if shape == "circle":
-        inside = X ** 2 + Y ** 2 <= s * s
+        inside = X**2 + Y**2 <= s * s
     elif shape == "square":
         inside = (np.abs(X) <= s) & (np.abs(Y) <= s)
     elif shape == "triangle":
@@ -154,19 +155,19 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- detection
 
-_PALETTE = np.array(list(COLORS.values()))            # [K, 3]
-_DIRS = _PALETTE - np.asarray(BACKGROUND)              # [K, 3]
-_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}   # area / size**2
+_PALETTE = np.array(list(COLORS.values()))  # [K, 3]
+_DIRS = _PALETTE - np.asarray(BACKGROUND)  # [K, 3]
+_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # area / size**2
 _CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1 / 3}  # (centroid - centre) / size, in y
 
 
 def _pixel_labels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``img [..., 3]`` -> (labels ``[...]`` int: ``k`` = colour ``k``, ``-1`` = background, ``-2`` = unknown;
     alpha ``[..., K]``: each pixel's (unclipped) position along the segment background -> colour ``k``)."""
-    d = img[..., None, :] - np.asarray(BACKGROUND)                      # [..., 1, 3]
-    alpha = (d * _DIRS).sum(-1) / (_DIRS ** 2).sum(-1)                  # [..., K]
+    d = img[..., None, :] - np.asarray(BACKGROUND)  # [..., 1, 3]
+    alpha = (d * _DIRS).sum(-1) / (_DIRS**2).sum(-1)  # [..., K]
     ac = np.clip(alpha, 0.0, 1.5)
-    res = np.linalg.norm(d - ac[..., None] * _DIRS, axis=-1)            # [..., K]
+    res = np.linalg.norm(d - ac[..., None] * _DIRS, axis=-1)  # [..., K]
     best = res.argmin(-1)
     r = np.take_along_axis(res, best[..., None], -1)[..., 0]
     a = np.take_along_axis(ac, best[..., None], -1)[..., 0]
@@ -185,9 +186,9 @@ def _components(mask: np.ndarray) -> np.ndarray:
         new = lab.copy()
         for dy in range(3):
             for dx in range(3):
-                new = np.minimum(new, p[:, dy:dy + h, dx:dx + w])
+                new = np.minimum(new, p[:, dy : dy + h, dx : dx + w])
         new = np.where(mask, new, big)
-        new = np.where(mask, np.append(new.reshape(-1), big)[new], big)   # pointer jumping
+        new = np.where(mask, np.append(new.reshape(-1), big)[new], big)  # pointer jumping
         if np.array_equal(new, lab):
             return np.where(mask, lab, -1)
         lab = new
@@ -204,7 +205,7 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 def _moments(a: np.ndarray) -> tuple[float, float]:
     """Anisotropy of a non-negative map ``a [h, w]``: (log(var_y / var_x), correlation of x and y)."""
-    yy, xx = np.mgrid[0:a.shape[0], 0:a.shape[1]]
+    yy, xx = np.mgrid[0 : a.shape[0], 0 : a.shape[1]]
     m = max(float(a.sum()), 1e-9)
     mx, my = float((a * xx).sum()) / m, float((a * yy).sum()) / m
     vx, vy = float((a * (xx - mx) ** 2).sum()) / m, float((a * (yy - my) ** 2).sum()) / m
@@ -242,8 +243,13 @@ def _classify_shape(amap: np.ndarray, y0: int, x0: int) -> tuple[str | None, flo
         templates.append(best_t)
     i, j = np.argsort(ious)[::-1][:2]
     (ab, cb), (at, ct) = _moments(a), _moments(templates[i])
-    ok = (ious[i] >= IOU_MIN and ious[i] - ious[j] >= IOU_MARGIN and SIZE_RANGE[0] <= params[i][2] <= SIZE_RANGE[1]
-          and abs(ab - at) <= MOMENT_TOL[0] and abs(cb - ct) <= MOMENT_TOL[1])
+    ok = (
+        ious[i] >= IOU_MIN
+        and ious[i] - ious[j] >= IOU_MARGIN
+        and SIZE_RANGE[0] <= params[i][2] <= SIZE_RANGE[1]
+        and abs(ab - at) <= MOMENT_TOL[0]
+        and abs(cb - ct) <= MOMENT_TOL[1]
+    )
     cx, cy, s = params[i]
     return (SHAPES[i] if ok else None), float(cx), float(cy), float(s), float(ious[i])
 
@@ -255,7 +261,7 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     out = np.zeros_like(mask)
     for dy in range(2 * r + 1):
         for dx in range(2 * r + 1):
-            out |= p[dy:dy + h, dx:dx + w]
+            out |= p[dy : dy + h, dx : dx + w]
     return out
 
 
@@ -263,9 +269,9 @@ def _detect_many(images: np.ndarray) -> list[list[Detection]]:
     """Detections for ``images [B, H, W, 3]`` in ``[0, 1]``."""
     images = np.clip(np.asarray(images, dtype=np.float64), 0.0, 1.0)
     b, h, w, _ = images.shape
-    labels, alpha = _pixel_labels(images)                               # [B, H, W], [B, H, W, K]
+    labels, alpha = _pixel_labels(images)  # [B, H, W], [B, H, W, K]
     comps = _components(labels != -1)
-    min_area = MIN_AREA * h * w / IMAGE_SIZE ** 2
+    min_area = MIN_AREA * h * w / IMAGE_SIZE**2
     names = list(COLORS)
     out: list[list[Detection]] = []
     for i in range(b):
@@ -275,13 +281,13 @@ def _detect_many(images: np.ndarray) -> list[list[Detection]]:
             if area < min_area:
                 continue
             comp = comps[i] == cid
-            counts = np.bincount(labels[i][comp] + 2, minlength=len(names) + 2)[2:]   # colour pixels only
+            counts = np.bincount(labels[i][comp] + 2, minlength=len(names) + 2)[2:]  # colour pixels only
             k = int(counts.argmax())
             color = names[k] if counts[k] >= COLOR_SHARE * area else None
             ys, xs = np.nonzero(comp)
             y0, y1 = max(ys.min() - 3, 0), min(ys.max() + 4, h)
             x0, x1 = max(xs.min() - 3, 0), min(xs.max() + 4, w)
-            own, al = comp[y0:y1, x0:x1], alpha[i, y0:y1, x0:x1]       # [h', w'], [h', w', K]
+            own, al = comp[y0:y1, x0:x1], alpha[i, y0:y1, x0:x1]  # [h', w'], [h', w', K]
             # the soft edge: background pixels within 2 px that do not lean towards another colour
             other = (al.argmax(-1) != k) & (al.max(-1) >= HALO_MIN)
             edge = (comps[i, y0:y1, x0:x1] < 0) & ~other & _dilate(own, 2)
@@ -305,8 +311,13 @@ def detect(image: np.ndarray) -> list[Detection]:
 # ----------------------------------------------------------------------------------- scoring
 
 
-def relation_holds(a: tuple[float, float, float], b: tuple[float, float, float], relation: str,
-                   threshold: float = POS_THRESHOLD, cos: float = 0.5) -> bool:
+def relation_holds(
+    a: tuple[float, float, float],
+    b: tuple[float, float, float],
+    relation: str,
+    threshold: float = POS_THRESHOLD,
+    cos: float = 0.5,
+) -> bool:
     """GenEval-style: is object ``a = (cx, cy, size)`` ``relation`` of ``b``? The centre offset is shrunk by
     ``threshold`` times the two extents, then its direction must be within ``acos(cos)`` of the axis."""
     off = np.array([a[0] - b[0], a[1] - b[1]])
@@ -332,7 +343,9 @@ def _atoms(p: Prompt, dets: list[Detection]) -> dict[str, bool]:
         a, b = p.shapes
         atoms[f"{a} {RELATIONS[p.relation]} {b}"] = any(
             relation_holds((da.cx, da.cy, da.size), (db.cx, db.cy, db.size), p.relation)
-            for da in has(a) for db in has(b))
+            for da in has(a)
+            for db in has(b)
+        )
     atoms["recognised"] = len(ok) == len(dets)
     return atoms
 
@@ -386,14 +399,22 @@ def _enumerate(category: str) -> list[Prompt]:
     elif category == "colors":
         out = [P(f"a {c} {s}", category, (s,), (c,)) for c in COLORS for s in SHAPES]
     elif category == "position":
-        out = [P(f"a {a} {RELATIONS[r]} a {b}", category, (a, b), (None, None), None, r)
-               for (a, b), r in product(permutations(SHAPES, 2), RELATIONS)]
+        out = [
+            P(f"a {a} {RELATIONS[r]} a {b}", category, (a, b), (None, None), None, r)
+            for (a, b), r in product(permutations(SHAPES, 2), RELATIONS)
+        ]
     elif category == "color_attr":
-        out = [P(f"a {c1} {s1} and a {c2} {s2}", category, (s1, s2), (c1, c2))
-               for (s1, s2), (c1, c2) in product(permutations(SHAPES, 2), permutations(COLORS, 2))]
+        out = [
+            P(f"a {c1} {s1} and a {c2} {s2}", category, (s1, s2), (c1, c2))
+            for (s1, s2), (c1, c2) in product(permutations(SHAPES, 2), permutations(COLORS, 2))
+        ]
     elif category == "count_color":
-        out = [P(f"{NUMBERS[n - 1]} {c} {_plural(s, n)}", category, (s,), (c,), n)
-               for c in COLORS for s in SHAPES for n in range(1, 5)]
+        out = [
+            P(f"{NUMBERS[n - 1]} {c} {_plural(s, n)}", category, (s,), (c,), n)
+            for c in COLORS
+            for s in SHAPES
+            for n in range(1, 5)
+        ]
     else:
         raise ValueError(f"unknown category {category!r}; valid: {', '.join(CATEGORIES + ('count_color',))}")
     return out
@@ -403,7 +424,7 @@ def _heldout(p: Prompt) -> bool:
     return any((c, s) in HELDOUT_PAIRS for s, c in zip(p.shapes, p.colors))
 
 
-@lru_cache(maxsize=None)
+@cache
 def prompt_pool(category: str, split: str = "train") -> tuple[Prompt, ...]:
     """All distinct prompts of ``category`` in ``split`` (see the module README for the split rules)."""
     if split == "ood":
