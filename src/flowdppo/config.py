@@ -8,6 +8,7 @@ dicts applied before the user's file and ``--set`` values.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ import yaml
 from flowdppo.core.losses import LOSSES
 from flowdppo.core.sde import CPS_LOGPROBS, REDUCTIONS, SAMPLERS
 from flowdppo.core.steps import STRATEGIES
+from flowdppo.registry import Registry, RegistryError
+
+log = logging.getLogger("flowdppo")
 
 
 class ConfigError(ValueError):
@@ -27,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["shapes", "sd3", "flux"] = "shapes"
+    family: str = "shapes"  # a registered family (flowdppo.models.MODEL_FAMILIES) or "package.module:factory"
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the family's factory
     path: str | None = None  # local diffusers folder or hub id; None = the shipped shapes model
     lora: bool = True  # False = full fine-tuning
     lora_rank: int = 16
@@ -56,18 +61,18 @@ class SamplingConfig:
     num_steps: int = 10
     schedule: Literal["diffusers", "uniform-shift", "model"] = "model"  # "model": the family's default
     shift: float = 3.0  # schedule=uniform-shift only (the trainer builds it; "model" = the family's own)
-    sampler: Literal["flow-sde", "cps", "dance", "ode"] = "flow-sde"
+    sampler: str = "flow-sde"  # a registered sampler (flowdppo.core.sde.SAMPLERS) or an import path
     eta: float = 0.7
     guidance_scale: float = 1.0
     same_initial_noise: bool = False  # a group shares its initial noise (DanceGRPO / MixGRPO init_same_noise)
-    logprob_reduction: Literal["mean", "sum"] = "mean"
-    cps_logprob: Literal["gaussian", "unnormalized"] = "gaussian"
+    logprob_reduction: Literal[REDUCTIONS] = "mean"
+    cps_logprob: Literal[CPS_LOGPROBS] = "gaussian"
     replay_tolerance: float = 1e-3  # warn when |replay log-prob - rollout log-prob| exceeds this
 
 
 @dataclass
 class StepsConfig:
-    strategy: Literal["random", "window", "fraction"] = "random"
+    strategy: Literal[STRATEGIES] = "random"
     num_sde_steps: int = 3
     start: float = 0.0
     end: float = 0.5
@@ -77,20 +82,22 @@ class StepsConfig:
 
 @dataclass
 class AlgorithmConfig:
-    loss: Literal["flow-dppo", "clip", "grpo-guard", "dppo-symmetric", "unclipped"] = "flow-dppo"
+    loss: str = "flow-dppo"  # a registered trust region (flowdppo.core.losses.LOSSES) or an import path
+    loss_args: dict[str, Any] = field(default_factory=dict)  # extra knobs for a user's own trust region
     delta: float = 1e-5  # Flow-DPPO KL threshold (mean-reduced KL)
     clip_eps: float = 1e-4  # PPO clip range (Flow-GRPO 1e-4, GRPO-Guard 4e-6)
-    adv_clip: float | None = 5.0  # advantage clip of the clip losses (Flow-DPPO never clips)
+    loss_adv_clip: float | None = 5.0  # inside the clip losses only: advantages clipped to +-this (Flow-GRPO's 5)
     beta: float = 0.0  # weight of KL to the reference policy
     advantage_std: Literal["global", "group"] = "global"
-    advantage_clip: float | None = None
+    norm_adv_clip: float | None = None  # every loss: the normalised advantages clipped to +-this before training
     stat_tracker: bool = False  # per-prompt statistics across iterations
     multi_reward: Literal["sum", "gdpo"] = "sum"
 
 
 @dataclass
 class RewardConfig:
-    name: Literal["shapes", "http"] = "shapes"
+    name: str = "shapes"  # a registered reward (flowdppo.rewards.REWARDS) or "package.module:factory"
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward's factory
     weights: dict[str, float] = field(default_factory=lambda: {"strict": 1.0, "soft": 1.0, "quality": 2.0})
     url: str | None = None  # http reward server
 
@@ -236,8 +243,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# keys renamed since earlier releases: old config files (and old runs' config.yaml) still load
+RENAMED = {"algorithm.adv_clip": "algorithm.loss_adv_clip", "algorithm.advantage_clip": "algorithm.norm_adv_clip"}
+
+
 def _build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     data = dict(data or {})
+    for old, new in RENAMED.items():
+        section, old_key = old.split(".")
+        if where == section and old_key in data:
+            new_key = new.split(".")[1]
+            if new_key in data:
+                raise ConfigError(f"{old} was renamed to {new}; give only {new}")
+            log.warning("%s was renamed to %s; reading it as %s", old, new, new)
+            data[new_key] = data.pop(old_key)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping")
     hints = typing.get_type_hints(cls)
@@ -318,11 +337,12 @@ def validate(cfg: Config) -> Config:
             f"the rollout batch prompts_per_iter*group_size = {total} must be a multiple of "
             f"train.minibatch_size ({t.minibatch_size})"
         )
+    _check_registries(cfg)
     if cfg.algorithm.delta < 0 or cfg.algorithm.clip_eps <= 0 or cfg.algorithm.beta < 0:
         raise ConfigError("algorithm.delta and algorithm.beta must be >= 0, algorithm.clip_eps > 0")
     if not cfg.reward.weights:
         raise ConfigError("reward.weights must name at least one reward component")
-    if cfg.reward.name == "http" and not cfg.reward.url:
+    if cfg.reward.name == "http" and not (cfg.reward.url or cfg.reward.args.get("url")):
         raise ConfigError("reward.name=http needs reward.url")
     if cfg.model.lora and cfg.model.lora_rank < 1:
         raise ConfigError(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
@@ -336,9 +356,68 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"steps.num_sde_steps={sel.num_sde_steps} exceeds the {len(pool)} steps in the window")
     except ValueError as e:
         raise ConfigError(f"steps: {e}") from None
-    assert s.sampler in SAMPLERS and s.logprob_reduction in REDUCTIONS and s.cps_logprob in CPS_LOGPROBS
-    assert cfg.algorithm.loss in LOSSES and cfg.steps.strategy in STRATEGIES
+    _warn_ignored(cfg)
     return cfg
+
+
+def _registries() -> list[tuple[Registry, str]]:
+    """Each registry with the config value that selects from it."""
+    from flowdppo.models import MODEL_FAMILIES
+    from flowdppo.rewards import REWARDS
+
+    return [
+        (MODEL_FAMILIES, "model.family"),
+        (SAMPLERS, "sampling.sampler"),
+        (LOSSES, "algorithm.loss"),
+        (REWARDS, "reward.name"),
+    ]
+
+
+def _get_key(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_registries(cfg: Config) -> None:
+    """Every registry-selected value names a registered entry or an import path that resolves."""
+    for registry, key in _registries():
+        value = _get_key(cfg, key)
+        if value in registry:
+            continue  # built-in: not imported here (model families import their libraries lazily)
+        try:
+            registry.get(value)
+        except RegistryError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.train.inner_epochs > 1 and not LOSSES.get(cfg.algorithm.loss).multi_update:
+        raise ConfigError(
+            f"algorithm.loss={cfg.algorithm.loss} declares it is not safe for several optimizer steps per batch; "
+            f"train.inner_epochs must be 1, got {cfg.train.inner_epochs}"
+        )
+
+
+def _warn_ignored(cfg: Config) -> list[str]:
+    """Warn about knobs set away from their default that the chosen setting never reads."""
+    warnings: list[str] = []
+    a, s = cfg.algorithm, cfg.sampling
+    defaults_a, defaults_s = AlgorithmConfig(), SamplingConfig()
+    uses = LOSSES.get(a.loss).uses
+    for knob in ("delta", "clip_eps", "loss_adv_clip"):
+        if getattr(a, knob) != getattr(defaults_a, knob) and knob not in uses:
+            warnings.append(
+                f"algorithm.{knob}={getattr(a, knob)} is ignored by algorithm.loss={a.loss} "
+                f"(it reads: {', '.join(uses) or 'none of delta, clip_eps, loss_adv_clip'})"
+            )
+    if s.shift != defaults_s.shift and s.schedule != "uniform-shift":
+        warnings.append(
+            f"sampling.shift={s.shift} is ignored with sampling.schedule={s.schedule} (only uniform-shift reads it)"
+        )
+    if s.cps_logprob != defaults_s.cps_logprob and "cps_logprob" not in SAMPLERS.get(s.sampler).options:
+        warnings.append(f"sampling.cps_logprob={s.cps_logprob} is ignored by sampling.sampler={s.sampler}")
+    if cfg.reward.url and cfg.reward.name != "http":
+        warnings.append(f"reward.url is ignored by reward.name={cfg.reward.name} (only the http reward reads it)")
+    for w in warnings:
+        log.warning(w)
+    return warnings
 
 
 def from_dict(data: Mapping[str, Any] | None) -> Config:

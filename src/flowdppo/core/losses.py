@@ -17,14 +17,14 @@ The std is never re-derived here: the caller takes it from the kernel that produ
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from flowdppo.core.sde import reduce_latent
-
-LOSSES = ("flow-dppo", "clip", "grpo-guard", "dppo-symmetric", "unclipped")
+from flowdppo.registry import Registry, RegistryError
 
 
 @dataclass
@@ -209,39 +209,88 @@ def unclipped_loss(inp: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
     return -inp.adv_bs() * ratio, m
 
 
+LossFn = Callable[[LossInputs, "LossSpec"], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrustRegion:
+    """A trust-region loss and what it declares it needs; the trainer reads the declaration.
+
+    - ``fn(inputs, spec) -> (loss [B, S], metrics)``: the pure loss;
+    - ``needs_means``: the step means ``mean_new`` / ``mean_old`` are carried to the loss (GRPO-Guard);
+    - ``needs_reference``: a reference-policy forward on every training step, whatever ``beta``;
+    - ``uses``: the ``algorithm.*`` knobs it reads (``delta``, ``clip_eps``, ``loss_adv_clip``, ...);
+      a knob set away from its default that no part of the chosen setting uses gets a warning;
+    - ``multi_update``: safe for several optimizer steps per batch (``train.inner_epochs > 1``).
+    """
+
+    fn: LossFn
+    needs_means: bool = False
+    needs_reference: bool = False
+    uses: tuple[str, ...] = ()
+    multi_update: bool = True
+
+
+def _check_trust_region(obj: Any, name: str) -> TrustRegion:
+    if isinstance(obj, TrustRegion):
+        return obj
+    if callable(obj):  # a bare ``fn(inputs, spec)``: no declared needs
+        return TrustRegion(fn=obj)
+    raise RegistryError(f"algorithm.loss: {name!r} is a {type(obj).__name__}, not a TrustRegion or a function")
+
+
+LOSSES: Registry[TrustRegion] = Registry("trust region", "algorithm.loss", check=_check_trust_region)
+LOSSES.register("flow-dppo", TrustRegion(lambda i, s: flow_dppo_loss(i, s.delta), uses=("delta",)))
+LOSSES.register("dppo-symmetric", TrustRegion(lambda i, s: dppo_symmetric_loss(i, s.delta), uses=("delta",)))
+LOSSES.register(
+    "clip", TrustRegion(lambda i, s: ppo_clip_loss(i, s.clip_eps, s.loss_adv_clip), uses=("clip_eps", "loss_adv_clip"))
+)
+LOSSES.register(
+    "grpo-guard",
+    TrustRegion(
+        lambda i, s: grpo_guard_loss(i, s.clip_eps, s.loss_adv_clip),
+        needs_means=True,
+        uses=("clip_eps", "loss_adv_clip"),
+    ),
+)
+LOSSES.register("unclipped", TrustRegion(lambda i, s: unclipped_loss(i)))
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """Which loss and its knobs; ``needs_means`` tells the trainer to carry step means to the loss."""
+    """Which trust region (a registered name or an import path) and its knobs.
+
+    ``args`` holds extra keyword arguments for a user's own trust region (``algorithm.loss_args``).
+    """
 
     name: str = "flow-dppo"
     delta: float = 1e-5
     clip_eps: float = 1e-4
-    adv_clip: float | None = 5.0
+    loss_adv_clip: float | None = 5.0
     beta: float = 0.0
+    args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"unknown loss {self.name!r}; valid: {', '.join(LOSSES)}")
+        LOSSES.get(self.name)  # an unknown name fails here, listing the registered ones
         if self.delta < 0 or self.clip_eps <= 0 or self.beta < 0:
             raise ValueError("delta and beta must be >= 0 and clip_eps > 0")
 
     @property
+    def trust_region(self) -> TrustRegion:
+        return LOSSES.get(self.name)
+
+    @property
     def needs_means(self) -> bool:
-        return self.name == "grpo-guard"
+        return self.trust_region.needs_means
 
-
-_DISPATCH: dict[str, Callable[[LossInputs, LossSpec], tuple[torch.Tensor, dict[str, float]]]] = {
-    "flow-dppo": lambda i, s: flow_dppo_loss(i, s.delta),
-    "dppo-symmetric": lambda i, s: dppo_symmetric_loss(i, s.delta),
-    "clip": lambda i, s: ppo_clip_loss(i, s.clip_eps, s.adv_clip),
-    "grpo-guard": lambda i, s: grpo_guard_loss(i, s.clip_eps, s.adv_clip),
-    "unclipped": lambda i, s: unclipped_loss(i),
-}
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0 or self.trust_region.needs_reference
 
 
 def policy_loss(inp: LossInputs, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """The chosen trust-region loss plus ``beta * KL_ref``: per-element ``[B, S]`` and metrics."""
-    loss, m = _DISPATCH[spec.name](inp, spec)
+    loss, m = spec.trust_region.fn(inp, spec)
     assert loss.shape == inp.logp_new.shape, (loss.shape, inp.logp_new.shape)
     m["policy_loss"] = _f(loss.mean())
     if inp.kl_ref is not None:

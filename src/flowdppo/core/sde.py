@@ -18,13 +18,14 @@ Shapes: latents ``x``, ``v``, ``mean``, ``prev_sample`` are ``[B, ...]`` (normal
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SAMPLERS = ("flow-sde", "cps", "dance", "ode")
+from flowdppo.registry import Registry, RegistryError
+
 REDUCTIONS = ("mean", "sum")
 CPS_LOGPROBS = ("gaussian", "unnormalized")
 SCHEDULES = ("diffusers", "uniform-shift")
@@ -214,8 +215,7 @@ def transition_std(
 
     The one place the std is defined: the kernels sample with it, the log-prob and the KL divide by it.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    spec = SAMPLERS.get(sampler)
     s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
     if batch is None:
         batch = 1 if s.dim() == 0 else s.shape[0]
@@ -223,12 +223,21 @@ def transition_std(
     sn = _as_batch(sigma_next, batch, s.device)
     if bool((sn >= s).any()):
         raise ValueError("sigma_next must be smaller than sigma (generation runs from 1 to 0)")
-    if sampler == "ode" or eta == 0:
+    if not spec.stochastic or eta == 0:
         return torch.zeros_like(s)
-    if sampler == "cps":
-        return sn * math.sin(eta * math.pi / 2)
-    a = flow_sde_coefficient(s, eta, sigma_max) if sampler == "flow-sde" else torch.full_like(s, float(eta))
-    return a * torch.sqrt(s - sn)
+    return spec.std(s, sn, float(eta), sigma_max)
+
+
+def _flow_sde_std(s: torch.Tensor, sn: torch.Tensor, eta: float, sigma_max: float | None) -> torch.Tensor:
+    return flow_sde_coefficient(s, eta, sigma_max) * torch.sqrt(s - sn)
+
+
+def _dance_std(s: torch.Tensor, sn: torch.Tensor, eta: float, sigma_max: float | None) -> torch.Tensor:
+    return eta * torch.sqrt(s - sn)
+
+
+def _cps_std(s: torch.Tensor, sn: torch.Tensor, eta: float, sigma_max: float | None) -> torch.Tensor:
+    return sn * math.sin(eta * math.pi / 2)
 
 
 def gaussian_log_prob(
@@ -402,8 +411,7 @@ class Kernel:
     cps_logprob: str = "gaussian"
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        SAMPLERS.get(self.sampler)  # a clear error naming the registered samplers
         if self.logprob_reduction not in REDUCTIONS:
             raise ValueError(f"unknown logprob_reduction {self.logprob_reduction!r}; valid: {', '.join(REDUCTIONS)}")
         if self.cps_logprob not in CPS_LOGPROBS:
@@ -429,14 +437,23 @@ class Kernel:
         noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One transition; ``stochastic=False`` (or eta 0 / the ODE sampler) gives the Euler ODE step."""
-        if not stochastic or self.eta == 0 or self.sampler == "ode":
+        spec = SAMPLERS.get(self.sampler)
+        if not stochastic or self.eta == 0 or not spec.stochastic:
             return ode_step(v, x, sigma, sigma_next)
-        common = dict(sigma_max=self.sigma_max, generator=generator, noise=noise, reduction=self.logprob_reduction)
-        if self.sampler == "flow-sde":
-            return flow_sde_step(v, x, sigma, sigma_next, self.eta, prev_sample, **common)
-        if self.sampler == "dance":
-            return dance_step(v, x, sigma, sigma_next, self.eta, prev_sample, **common)
-        return cps_step(v, x, sigma, sigma_next, self.eta, prev_sample, cps_logprob=self.cps_logprob, **common)
+        options = {k: getattr(self, k) for k in spec.options}
+        return spec.step(
+            v,
+            x,
+            sigma,
+            sigma_next,
+            self.eta,
+            prev_sample,
+            sigma_max=self.sigma_max,
+            generator=generator,
+            noise=noise,
+            reduction=self.logprob_reduction,
+            **options,
+        )
 
     def std(
         self, sigma: Any, sigma_next: Any, batch: int | None = None, device: torch.device | str = "cpu"
@@ -448,3 +465,46 @@ class Kernel:
     def kl(self, mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Exact KL of one step under this kernel's std and reduction, ``[B]``."""
         return gaussian_kl(mean_a, mean_b, std, self.logprob_reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A transition kernel family, as :class:`Kernel` uses it for sampling, replay and the KL.
+
+    - ``step(v, x, sigma, sigma_next, eta, prev_sample, *, sigma_max, generator, noise, reduction,
+      **options) -> StepOutput``: one transition; ``prev_sample=None`` samples, else replays;
+    - ``std(sigma [B], sigma_next [B], eta, sigma_max) -> [B]``: its transition std (the one
+      definition: the step, the log-prob and the KL all use it through :func:`transition_std`);
+    - ``options``: the :class:`Kernel` fields passed on to ``step`` as keyword arguments
+      (e.g. ``("cps_logprob",)``);
+    - ``stochastic=False`` marks a deterministic sampler (``ode``): every step is the Euler step.
+    """
+
+    step: Callable[..., StepOutput]
+    std: Callable[[torch.Tensor, torch.Tensor, float, float | None], torch.Tensor]
+    options: tuple[str, ...] = ()
+    stochastic: bool = True
+
+
+def _check_sampler(obj: Any, name: str) -> Sampler:
+    if not isinstance(obj, Sampler):
+        raise RegistryError(f"sampling.sampler: {name!r} is a {type(obj).__name__}, not a flowdppo.core.sde.Sampler")
+    return obj
+
+
+def _no_std(s: torch.Tensor, sn: torch.Tensor, eta: float, sigma_max: float | None) -> torch.Tensor:
+    return torch.zeros_like(s)
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler", "sampling.sampler", check=_check_sampler)
+SAMPLERS.register("flow-sde", Sampler(step=flow_sde_step, std=_flow_sde_std))
+SAMPLERS.register("cps", Sampler(step=cps_step, std=_cps_std, options=("cps_logprob",)))
+SAMPLERS.register("dance", Sampler(step=dance_step, std=_dance_std))
+SAMPLERS.register(
+    "ode", Sampler(step=lambda v, x, s, sn, *a, **k: ode_step(v, x, s, sn), std=_no_std, stochastic=False)
+)

@@ -6,25 +6,24 @@ used, so the embedded model never pulls in transformers and real models never lo
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
 from flowdppo.models.base import Cond, FlowModel, peft_adapter_disabled
+from flowdppo.registry import Registry
 
-# family -> "module:factory"; a factory takes the ModelConfig and returns a FlowModel
-MODEL_FAMILIES: dict[str, str] = {
-    "shapes": "flowdppo.models.shapes_model:build",
-    "sd3": "flowdppo.models.sd3:build",
-    "flux": "flowdppo.models.flux:build",
-}
+# family -> its factory, imported on first use ("module:factory"); a factory takes the ModelConfig (and
+# ``model.args`` as keyword arguments) and returns a FlowModel. A config may also name any
+# "package.module:factory" of its own.
+MODEL_FAMILIES: Registry[Callable[..., FlowModel]] = Registry("model family", "model.family")
+MODEL_FAMILIES.register("shapes", "flowdppo.models.shapes_model:build")
+MODEL_FAMILIES.register("sd3", "flowdppo.models.sd3:build")
+MODEL_FAMILIES.register("flux", "flowdppo.models.flux:build")
 
 
 def build_model(cfg: Any) -> FlowModel:
     """Build the model named by ``cfg.family`` (a :class:`flowdppo.config.ModelConfig`)."""
-    if cfg.family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {cfg.family!r}; valid: {', '.join(MODEL_FAMILIES)}")
-    module, factory = MODEL_FAMILIES[cfg.family].split(":")
-    return getattr(importlib.import_module(module), factory)(cfg)
+    return MODEL_FAMILIES.get(cfg.family)(cfg, **dict(getattr(cfg, "args", {}) or {}))
 
 
 __all__ = ["Cond", "FlowModel", "MODEL_FAMILIES", "build_model", "peft_adapter_disabled"]

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from flowdppo.registry import Registry, RegistryError
+
 
 class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]: ...
@@ -35,19 +37,28 @@ def shapes_reward() -> RewardFn:
     return fn
 
 
-def http_reward(url: str) -> RewardFn:
+def http_reward(url: str | None = None, **kwargs) -> RewardFn:
+    """A reward served over HTTP (``flowdppo reward-server``) at ``url`` (``reward.url``)."""
     from flowdppo.rewards.http import HTTPReward
 
-    return HTTPReward(url)
+    if not url:
+        raise RegistryError("reward.name=http needs reward.url")
+    return HTTPReward(url, **kwargs)
 
 
-REWARDS: dict[str, Callable[..., RewardFn]] = {"shapes": shapes_reward, "http": http_reward}
+REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward", "reward.name")
+REWARDS.register("shapes", shapes_reward)
+REWARDS.register("http", http_reward)
 
 
 def build_reward(cfg) -> RewardFn:
-    """Build the reward named by ``cfg.name`` (a :class:`flowdppo.config.RewardConfig`)."""
-    if cfg.name not in REWARDS:
-        raise ValueError(f"unknown reward {cfg.name!r}; valid: {', '.join(REWARDS)}")
-    if cfg.name == "http":
-        return http_reward(cfg.url)
-    return REWARDS[cfg.name]()
+    """Build the reward named by ``cfg.name`` (a :class:`flowdppo.config.RewardConfig`): a registered name or
+    an import path ``package.module:factory``, called with ``cfg.args`` as keyword arguments."""
+    args = dict(cfg.args)
+    if cfg.url:
+        args.setdefault("url", cfg.url)
+    factory = REWARDS.get(cfg.name)
+    try:
+        return factory(**args)
+    except TypeError as e:
+        raise RegistryError(f"reward.args do not fit reward {cfg.name!r}: {e}") from None

@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     from flowdppo.rewards import REWARDS
 
     p = argparse.ArgumentParser(prog="flowdppo reward-server", description="Serve a registered reward over HTTP.")
-    p.add_argument("--reward", default="shapes", choices=[k for k in REWARDS if k != "http"])
+    p.add_argument("--reward", default="shapes", help=f"a reward ({REWARDS.valid()})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     args = p.parse_args(argv)
-    server = make_server(REWARDS[args.reward](), args.host, args.port)
+    server = make_server(REWARDS.get(args.reward)(), args.host, args.port)
     print(f"serving reward {args.reward!r} on http://{args.host}:{server.server_port}/score")
     try:
         server.serve_forever()

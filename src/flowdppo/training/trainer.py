@@ -145,7 +145,14 @@ class Trainer:
             self.sigmas, sampler=s.sampler, eta=s.eta, logprob_reduction=s.logprob_reduction, cps_logprob=s.cps_logprob
         )
         a = cfg.algorithm
-        self.loss_spec = LossSpec(name=a.loss, delta=a.delta, clip_eps=a.clip_eps, adv_clip=a.adv_clip, beta=a.beta)
+        self.loss_spec = LossSpec(
+            name=a.loss,
+            delta=a.delta,
+            clip_eps=a.clip_eps,
+            loss_adv_clip=a.loss_adv_clip,
+            beta=a.beta,
+            args=a.loss_args,
+        )
         self.step_sel = StepSelection(**asdict(cfg.steps))
         if not any(p.requires_grad for p in self.model.trainable_parameters()):
             raise ValueError("the model has no trainable parameters (enable model.lora or full fine-tuning)")
@@ -319,13 +326,13 @@ class Trainer:
         stacked = torch.stack([rewards[k] for k in names], 1)
         total = adv_lib.combine_rewards(stacked, [weights[k] for k in names])
         if a.multi_reward == "gdpo" and len(names) > 1:
-            adv = adv_lib.gdpo_advantages(stacked, group_ids, [weights[k] for k in names], clip=a.advantage_clip)
+            adv = adv_lib.gdpo_advantages(stacked, group_ids, [weights[k] for k in names], clip=a.norm_adv_clip)
         elif self.tracker is not None:
             adv = self.tracker.update(prompts, total)
-            if a.advantage_clip is not None:
-                adv = adv.clamp(-a.advantage_clip, a.advantage_clip)
+            if a.norm_adv_clip is not None:
+                adv = adv.clamp(-a.norm_adv_clip, a.norm_adv_clip)
         else:
-            adv = adv_lib.group_advantages(total, group_ids, std=a.advantage_std, clip=a.advantage_clip)
+            adv = adv_lib.group_advantages(total, group_ids, std=a.advantage_std, clip=a.norm_adv_clip)
         m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
         m["reward/total"] = float(total.mean())
         m["reward/zero_std_group_frac"] = adv_lib.zero_std_group_fraction(total, group_ids)
@@ -400,7 +407,7 @@ class Trainer:
                 std = anchor["std"][micro, j].to(dev)
                 kl = self.kernel.kl(out.mean.detach(), mean_old, std)
                 kl_ref = None
-                if spec.beta > 0:
+                if spec.needs_reference:
                     with torch.no_grad(), self.model.disable_adapter():
                         ref = replay_step(self.model, self.kernel, traj, micro, j, g)
                     kl_ref = self.kernel.kl(out.mean, ref.mean, std)[:, None]
