@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -76,7 +77,13 @@ def bench_losses(shape: tuple[int, ...] = (16, 3, 16, 64, 64), repeats: int = 20
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``bench losses ...``; anything else is the evidence bench (:mod:`flowdppo.tools.evidence`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "losses":
+        from flowdppo.tools.evidence import main as evidence_main
+
+        return evidence_main(argv)
     p = argparse.ArgumentParser(
         prog="python -m flowdppo.tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Flow-DPPO / PPO-clip time: {res['flow_dppo_over_clip']:.2f}x "
             f"({res['flow-dppo_ms']:.2f} ms vs {res['clip_ms']:.2f} ms per forward+backward on {res['shape']})"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

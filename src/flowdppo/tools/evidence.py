@@ -1,0 +1,701 @@
+"""``flowdppo bench``: the paper's comparisons at small scale on the embedded shapes world, rerunnable.
+
+Each *part* is a list of settings (a preset plus ``--set`` overrides); each setting runs for several
+seeds, every run an ordinary run directory (``flowdppo report`` works on it) under
+``<out>/<part>/<setting>/seed<k>``. Every method samples the same images per iteration (same
+``prompts_per_iter x group_size`` and iterations): equal rollout budgets. Runs are resumable: a finished
+run is skipped, an interrupted one resumes from its last checkpoint, so ``flowdppo bench`` can be
+stopped and restarted at any time.
+
+After the runs, each one is exported compactly (the evaluation lines and a thinned set of metrics) to
+``<results>/raw/<part>/<setting>/seed<k>.json``; ``flowdppo bench --report`` rebuilds the tables, the
+figures and ``RESULTS.md`` from those exports alone, without rerunning anything.
+
+Parts (the paper's figure or table each stands for):
+
+- ``methods`` (Table 4 / Table 2): the five presets; held-out strict and soft accuracy, out-of-domain
+  accuracy (the forgetting proxy), KL to the reference at the end; also the KL-efficiency curves
+  (accuracy against KL to the reference) and the live ratio-noise measurements (Section 3.2);
+- ``multi-epoch`` (Figure 5): two passes over each batch (I2) for flow-dppo, flow-grpo and their CPS
+  variants; I1 is the ``methods`` run of the same preset;
+- ``ablations`` (Figure 3): symmetric mask, delta over three decades, beta;
+- ``multi-reward``: the graded compositional reward plus a conflicting colour-saturation score,
+  weighted sum against GDPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: the bench's training geometry (the demo's, shortened so that a part fits in about an hour of 2 cores)
+COMMON = (
+    "train.iterations=120",
+    "eval.every=20",
+    "eval.ratio_noise_every=10",
+    "log.checkpoint_every=10",
+    "log.tensorboard=false",
+    "log.progress=false",
+)
+
+#: ``--quick``: the same parts on a tiny geometry (a smoke run of the harness, minutes on 2 cores)
+QUICK = (
+    "train.iterations=2",
+    "train.prompts_per_iter=2",
+    "train.group_size=4",
+    "train.minibatch_size=8",
+    "train.micro_batch_size=8",
+    "train.rollout_batch_size=8",
+    "sampling.num_steps=4",
+    "steps.num_sde_steps=2",
+    "eval.every=1",
+    "eval.num_prompts=4",
+    "eval.samples_per_prompt=1",
+    "eval.grid_prompts=1",
+    "eval.ratio_noise_every=1",
+    "eval.ratio_noise_samples=4",
+    "log.checkpoint_every=1",
+    "log.tensorboard=false",
+    "log.progress=false",
+)
+
+#: the metrics kept in the compact export (everything the figures and verdicts read)
+KEEP_METRICS = (
+    "kl_ref",
+    "kl_mean",
+    "masked_frac",
+    "clip_frac",
+    "clip_high_frac",
+    "clip_low_frac",
+    "reward/total",
+    "policy_loss",
+    "grad_norm",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration of a part: a preset and ``--set`` overrides."""
+
+    part: str
+    name: str
+    preset: str
+    overrides: tuple[str, ...] = ()
+    label: str = ""  # how tables and figures name it (default: ``name``)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+def _settings() -> dict[str, list[Setting]]:
+    methods = ["flow-dppo", "flow-dppo-cps", "flow-grpo", "flow-cps", "grpo-guard"]
+    return {
+        "methods": [Setting("methods", m, m) for m in methods],
+        "multi-epoch": [
+            Setting("multi-epoch", f"{m}-I2", m, ("train.inner_epochs=2",), label=f"{m} I2")
+            for m in ("flow-dppo", "flow-grpo", "flow-dppo-cps", "flow-cps")
+        ],
+        "ablations": [
+            Setting("ablations", "dppo-symmetric", "flow-dppo", ("algorithm.loss=dppo-symmetric",), "symmetric mask"),
+            Setting("ablations", "delta-1e-6", "flow-dppo", ("algorithm.delta=1e-6",), "delta 1e-6"),
+            Setting("ablations", "delta-1e-4", "flow-dppo", ("algorithm.delta=1e-4",), "delta 1e-4"),
+            # KL to the reference ends near 1e-3 on the demo: beta * KL_ref comparable to the surrogate at 1e-1
+            Setting("ablations", "beta-1e-2", "flow-dppo", ("algorithm.beta=1e-2",), "beta 1e-2"),
+            Setting("ablations", "beta-1e-1", "flow-dppo", ("algorithm.beta=1e-1",), "beta 1e-1"),
+        ],
+        "multi-reward": [
+            Setting("multi-reward", "sum", "flow-dppo", MULTI_REWARD + ("algorithm.multi_reward=sum",), "weighted sum"),
+            Setting("multi-reward", "gdpo", "flow-dppo", MULTI_REWARD + ("algorithm.multi_reward=gdpo",), "GDPO"),
+        ],
+    }
+
+
+#: the multi-reward part: the shapes reward's graded score plus a conflicting colour-saturation score
+MULTI_REWARD = (
+    "reward.name=flowdppo.tools.evidence:shapes_and_saturation",
+    "reward.weights={soft: 1.0, saturation: 1.0}",
+)
+
+PARTS = ("methods", "multi-epoch", "ablations", "multi-reward")
+
+#: ``--quick`` runs one or two settings of each part: every code path of the harness, in minutes
+QUICK_SETTINGS = {
+    "methods": ("flow-dppo", "flow-grpo"),
+    "multi-epoch": ("flow-dppo-I2",),
+    "ablations": ("dppo-symmetric",),
+    "multi-reward": ("gdpo",),
+}
+
+
+def shapes_and_saturation():
+    """The shapes reward's components plus ``saturation``: the mean HSV saturation of the image.
+
+    The shapes world draws on a grey background; a saturated background makes the detector refuse the
+    image, so the two components pull against each other (the multi-reward part's conflict).
+    """
+    import torch
+
+    from flowdppo.rewards import REWARDS
+
+    shapes = REWARDS.get("shapes")()
+
+    def fn(prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(shapes(prompts, images))
+        x = images.detach().float().clamp(0, 1)
+        mx, mn = x.max(dim=1).values, x.min(dim=1).values
+        out["saturation"] = ((mx - mn) / mx.clamp_min(1e-6)).mean(dim=(1, 2))
+        return out
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    out: Path
+    parts: list[str]
+    seeds: list[int]
+    quick: bool = False
+    extra: list[str] = field(default_factory=list)
+
+    def runs(self) -> list[tuple[Setting, int, Path]]:
+        table = _settings()
+        chosen = [s for p in self.parts for s in table[p] if not self.quick or s.name in QUICK_SETTINGS[p]]
+        return [(s, seed, self.out / s.part / s.name / f"seed{seed}") for s in chosen for seed in self.seeds]
+
+    def overrides(self, s: Setting, seed: int, run_dir: Path) -> list[str]:
+        base = list(QUICK if self.quick else COMMON)
+        return base + list(s.overrides) + self.extra + [f"train.seed={seed}", f"log.run_dir={run_dir.parent}"]
+
+
+def run_state(run_dir: Path) -> str:
+    """``"done"`` (finished: its final adapter is exported), ``"partial"`` (a checkpoint to resume) or ``"new"``."""
+    if (run_dir / "adapter").exists() and (run_dir / "report.md").exists():
+        return "done"
+    if (run_dir / "checkpoints" / "latest").exists():
+        return "partial"
+    return "new"
+
+
+def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "flowdppo.cli", "train"]
+    if run_state(run_dir) == "partial":
+        return cmd + ["--resume", str(run_dir)]
+    cmd += ["--preset", s.preset, "--name", run_dir.name, "--overwrite"]
+    for o in plan.overrides(s, seed, run_dir):
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
+    """Run (or resume) every run of the plan that is not finished; ``jobs`` runs at a time, one thread each
+    when ``jobs > 1``. Each run's output goes to ``<run_dir>.log``. Returns the run directories."""
+    todo = [(s, seed, d) for s, seed, d in plan.runs() if run_state(d) != "done"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.runs()), initial=len(plan.runs()) - len(todo), desc="bench", unit="run")
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    running: list[tuple[subprocess.Popen, Path, Any]] = []
+    failures: list[str] = []
+
+    def reap(block: bool) -> None:
+        for proc, d, fh in list(running):
+            if block or proc.poll() is not None:
+                rc = proc.wait()
+                fh.close()
+                running.remove((proc, d, fh))
+                if rc != 0:
+                    failures.append(f"{d} (exit {rc}; see {d}.log)")
+                if bar is not None:
+                    bar.update(1)
+
+    try:
+        for s, seed, d in todo:
+            while len(running) >= jobs:
+                reap(block=False)
+                time.sleep(0.5)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(f"{d}.log", "a")
+            running.append((subprocess.Popen(_train_command(plan, s, seed, d), stdout=fh, stderr=fh, env=env), d, fh))
+        while running:
+            reap(block=True)
+    finally:
+        for proc, _, fh in running:  # interrupted: stop the children (they checkpoint on SIGINT / SIGTERM)
+            proc.terminate()
+            proc.wait()
+            fh.close()
+        if bar is not None:
+            bar.close()
+    if failures:
+        raise RuntimeError("bench runs failed: " + "; ".join(failures))
+    return [d for _, _, d in plan.runs()]
+
+
+# --------------------------------------------------------------------------------------------
+# export and aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for ln in path.read_text().splitlines():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:  # a torn last line of an interrupted run
+                continue
+    return out
+
+
+def export_run(run_dir: Path, setting: Setting, seed: int) -> dict[str, Any]:
+    """The compact record of one run: its evaluation lines and a thinned set of per-iteration metrics."""
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    evals = _read_jsonl(run_dir / "eval.jsonl")
+    keep = []
+    for m in metrics:
+        row = {"iteration": m["iteration"]}
+        row.update({k: m[k] for k in KEEP_METRICS if k in m})
+        row.update({k: v for k, v in m.items() if k.startswith(("ratio_noise/", "reward/"))})
+        row["seconds"] = sum(v for k, v in m.items() if k.startswith("time/"))
+        keep.append(row)
+    return {
+        "part": setting.part,
+        "setting": setting.name,
+        "label": setting.title,
+        "preset": setting.preset,
+        "overrides": list(setting.overrides),
+        "seed": seed,
+        "evals": evals,
+        "metrics": keep,
+    }
+
+
+def export_plan(plan: Plan, results: Path) -> list[Path]:
+    paths = []
+    for s, seed, d in plan.runs():
+        if not (d / "metrics.jsonl").exists():
+            continue
+        p = results / "raw" / s.part / s.name / f"seed{seed}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(export_run(d, s, seed), separators=(",", ":")))
+        paths.append(p)
+    return paths
+
+
+def load_exports(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((results / "raw").glob("*/*/seed*.json"))]
+
+
+def final_scores(rec: dict[str, Any]) -> dict[str, float]:
+    """Accuracy at the end (last evaluation) and at the start, KL to the reference at the end, trust-region
+    activity (mean over iterations), wall seconds."""
+    evals, ms = rec["evals"], rec["metrics"]
+    out: dict[str, float] = {}
+    if evals:
+        first, last = evals[0], evals[-1]
+        for key, name in (
+            ("eval/eval/strict", "heldout_strict"),
+            ("eval/eval/soft", "heldout_soft"),
+            ("eval/ood/strict", "ood_strict"),
+            ("eval/ood/soft", "ood_soft"),
+            ("eval/eval/saturation", "heldout_saturation"),
+        ):
+            if key in last:
+                out[name] = float(last[key])
+                out[name + "_start"] = float(first[key])
+    if ms:
+        if "kl_ref" in ms[-1]:
+            out["kl_ref"] = float(ms[-1]["kl_ref"])
+        for k in ("masked_frac", "clip_frac"):
+            vals = [m[k] for m in ms if k in m]
+            if vals:
+                out[k] = float(np.mean(vals))
+        out["seconds"] = float(sum(m.get("seconds", 0.0) for m in ms))
+    return out
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(part, setting) -> {"label", "seeds", metric: (mean, std, n)}`` over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["part"], r["setting"]), []).append(r)
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, recs in groups.items():
+        scores = [final_scores(r) for r in recs]
+        row: dict[str, Any] = {"label": recs[0]["label"], "seeds": sorted(r["seed"] for r in recs)}
+        for name in sorted({k for s in scores for k in s}):
+            vals = np.array([s[name] for s in scores if name in s], dtype=float)
+            row[name] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals))
+        table[key] = row
+    return table
+
+
+def _fmt(cell: tuple[float, float, int] | None, pct: bool = False, sci: bool = False) -> str:
+    if cell is None:
+        return "—"
+    m, s, _ = cell
+    if sci:
+        return f"{m:.2e} ± {s:.1e}"
+    if pct:
+        return f"{100 * m:.1f} ± {100 * s:.1f}"
+    return f"{m:.3f} ± {s:.3f}"
+
+
+def compare(a: tuple[float, float, int] | None, b: tuple[float, float, int] | None, higher_is_better: bool = True):
+    """Verdict on "a beats b": ``reproduced`` when the mean difference exceeds twice its standard error,
+    ``not reproduced`` when it is that far the other way, else ``inconclusive``. Returns (verdict, text)."""
+    if a is None or b is None:
+        return "not run", "a setting it compares was not run"
+    if a[2] < 2 or b[2] < 2:
+        return "inconclusive", "fewer than 2 seeds"
+    diff = (a[0] - b[0]) * (1 if higher_is_better else -1)
+    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
+    text = f"difference {a[0] - b[0]:+.4g} (standard error {se:.2g}, n = {a[2]} and {b[2]})"
+    if se == 0:
+        return ("reproduced" if diff > 0 else "not reproduced" if diff < 0 else "inconclusive"), text
+    if diff > 2 * se:
+        return "reproduced", text
+    if diff < -2 * se:
+        return "not reproduced", text
+    return "inconclusive", text
+
+
+# --------------------------------------------------------------------------------------------
+# figures and RESULTS.md
+# --------------------------------------------------------------------------------------------
+
+
+def _curves(
+    records: list[dict[str, Any]], key: str
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per setting: iterations, mean and std over seeds of an evaluation key."""
+    out = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["part"], r["setting"]), []).append(r)
+    for g, recs in groups.items():
+        series = [{e["iteration"] + 1: e[key] for e in r["evals"] if key in e} for r in recs]
+        its = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        if not its:
+            continue
+        vals = np.array([[s[i] for i in its] for s in series], dtype=float)
+        out[g] = (np.array(its), vals.mean(0), vals.std(0))
+    return out
+
+
+def _kl_curves(records: list[dict[str, Any]], key: str):
+    """Per setting: KL to the reference at each evaluation (mean over seeds) against accuracy (mean, std)."""
+    out = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["part"], r["setting"]), []).append(r)
+    for g, recs in groups.items():
+        rows = []
+        for r in recs:
+            kl = {m["iteration"]: m.get("kl_ref") for m in r["metrics"]}
+            rows.append({e["iteration"]: (kl.get(e["iteration"]), e[key]) for e in r["evals"] if key in e})
+        its = sorted(i for i in set.intersection(*(set(x) for x in rows)) if all(x[i][0] is not None for x in rows))
+        if not its:
+            continue
+        kls = np.array([[x[i][0] for i in its] for x in rows], dtype=float)
+        accs = np.array([[x[i][1] for i in its] for x in rows], dtype=float)
+        out[g] = (kls.mean(0), accs.mean(0), accs.std(0))
+    return out
+
+
+def write_figures(records: list[dict[str, Any]], fig_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, str]] = []
+    by_part = {p: [r for r in records if r["part"] == p] for p in PARTS}
+    label = {(r["part"], r["setting"]): r["label"] for r in records}
+
+    def save(fig, name, title):
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=90)
+        plt.close(fig)
+        made.append((title, name))
+
+    def band(ax, xs, m, s, lab):
+        (line,) = ax.plot(xs, m, "o-", ms=3, label=lab)
+        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+
+    if by_part["methods"]:
+        fig, ax = plt.subplots(1, 3, figsize=(15, 3.8))
+        for i, (key, title) in enumerate(
+            [("eval/eval/strict", "held-out strict"), ("eval/ood/strict", "out-of-domain strict")]
+        ):
+            for g, (its, m, s) in _curves(by_part["methods"], key).items():
+                band(ax[i], its, m, s, label[g])
+            ax[i].set_title(f"{title} (mean ± std over seeds)")
+            ax[i].set_xlabel("iterations trained")
+            ax[i].legend(fontsize=7)
+        for g, (kl, m, s) in _kl_curves(by_part["methods"], "eval/eval/strict").items():
+            band(ax[2], kl, m, s, label[g])
+        ax[2].set_xscale("symlog", linthresh=1e-6)
+        ax[2].set_title("held-out strict against KL to the reference")
+        ax[2].set_xlabel("KL to the reference (mean-reduced)")
+        ax[2].legend(fontsize=7)
+        save(fig, "bench_methods.png", "Methods: accuracy curves and KL efficiency")
+
+        steps: dict[str, dict[int, list[tuple[float, float, float, float, float]]]] = {}
+        for r in by_part["methods"]:
+            if r["preset"] not in ("flow-grpo", "flow-cps"):
+                continue
+            for m in r["metrics"]:
+                for k in m:
+                    if k.startswith("ratio_noise/") and k.endswith("/kl_mean"):
+                        st = int(k.split("/")[1][4:])
+                        pre = f"ratio_noise/step{st}/"
+                        steps.setdefault(r["preset"], {}).setdefault(st, []).append(
+                            (
+                                m[pre + "kl_mean"],
+                                m[pre + "log_r_mean"],
+                                m[pre + "log_r_std"],
+                                m[pre + "log_r_std_pred"],
+                                m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"],
+                            )
+                        )
+        if steps:
+            fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+            for preset, per in steps.items():
+                for st, rows in sorted(per.items()):
+                    a = np.array(rows)
+                    (line,) = ax[0].plot(a[:, 3], a[:, 2], "o", ms=3, label=f"{preset} step {st}")
+                    ax[1].plot(a[:, 0], -a[:, 1], "o", ms=3, color=line.get_color(), label=f"{preset} step {st}")
+            for axis in ax:
+                lo, hi = axis.get_xlim()
+                axis.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+                axis.legend(fontsize=6)
+            ax[0].set_xlabel("sqrt(2 D) (predicted)")
+            ax[0].set_ylabel("measured std[log r]")
+            ax[1].set_xlabel("D (exact KL, sum-reduced)")
+            ax[1].set_ylabel("measured -E[log r]")
+            ax[0].set_title("ratio noise: std of the exact log-ratio")
+            ax[1].set_title("ratio bias: mean of the exact log-ratio")
+            save(fig, "bench_ratio_noise.png", "Ratio noise on live flow-grpo / flow-cps runs")
+
+    if by_part["multi-epoch"] and by_part["methods"]:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        i1 = _curves(by_part["methods"], "eval/eval/strict")
+        for g, (its, m, s) in _curves(by_part["multi-epoch"], "eval/eval/strict").items():
+            preset = g[1].removesuffix("-I2")
+            if ("methods", preset) in i1:
+                band(ax, *i1[("methods", preset)], f"{preset} I1")
+            band(ax, its, m, s, label[g])
+        ax.set_title("multi-epoch: held-out strict, I1 vs I2")
+        ax.set_xlabel("iterations trained")
+        ax.legend(fontsize=7)
+        save(fig, "bench_multi_epoch.png", "Multi-epoch training (I1 vs I2)")
+
+    if by_part["ablations"]:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        base = _curves([r for r in by_part["methods"] if r["setting"] == "flow-dppo"], "eval/eval/strict")
+        for g, c in {**base, **_curves(by_part["ablations"], "eval/eval/strict")}.items():
+            band(ax, *c, label.get(g, g[1]))
+        ax.set_title("ablations of flow-dppo: held-out strict")
+        ax.set_xlabel("iterations trained")
+        ax.legend(fontsize=7)
+        save(fig, "bench_ablations.png", "Ablations (mask symmetry, delta, beta)")
+
+    if by_part["multi-reward"]:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+        for i, key in enumerate(["eval/eval/soft", "eval/eval/saturation"]):
+            for g, c in _curves(by_part["multi-reward"], key).items():
+                band(ax[i], *c, label[g])
+            ax[i].set_title(f"multi-reward: {key.split('/')[-1]} (held-out)")
+            ax[i].set_xlabel("iterations trained")
+            ax[i].legend(fontsize=7)
+        save(fig, "bench_multi_reward.png", "Multi-reward balance (weighted sum vs GDPO)")
+    return made
+
+
+def results_markdown(
+    records: list[dict[str, Any]], figures: list[tuple[str, str]], fig_rel: str, header: str = ""
+) -> str:
+    """``RESULTS.md``: per-part tables (mean ± std over seeds), the verdict of each claim, the figures."""
+    table = aggregate(records)
+    lines = ["# Results: the paper's claims at small scale", ""]
+    if header:
+        lines += [header, ""]
+
+    def row(part: str, setting: str) -> dict[str, Any] | None:
+        return table.get((part, setting))
+
+    def cell(part: str, setting: str, key: str):
+        r = row(part, setting)
+        return r.get(key) if r else None
+
+    for part in PARTS:
+        keys = sorted(s for p, s in table if p == part)
+        if not keys:
+            continue
+        lines += [
+            f"## {part}",
+            "",
+            "| setting | seeds | held-out strict % | held-out soft % | OOD strict % | KL to ref (end) | "
+            "masked | clipped | minutes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in keys:
+            r = table[(part, s)]
+            mins = f"{r['seconds'][0] / 60:.1f}" if "seconds" in r else "—"
+            lines.append(
+                f"| {r['label']} | {len(r['seeds'])} | {_fmt(r.get('heldout_strict'), pct=True)} | "
+                f"{_fmt(r.get('heldout_soft'), pct=True)} | {_fmt(r.get('ood_strict'), pct=True)} | "
+                f"{_fmt(r.get('kl_ref'), sci=True)} | {_fmt(r.get('masked_frac'))} | {_fmt(r.get('clip_frac'))} | "
+                f"{mins} |"
+            )
+        start = next((table[(part, s)].get("heldout_strict_start") for s in keys), None)
+        if start:
+            lines += ["", f"Before training (the same for every run): held-out strict {100 * start[0]:.1f}%."]
+        lines.append("")
+
+    claims = []
+    for a, b in (("flow-dppo", "flow-grpo"), ("flow-dppo-cps", "flow-cps"), ("flow-dppo", "grpo-guard")):
+        claims.append(
+            (
+                f"{a} reaches higher held-out accuracy than {b} (Table 4)",
+                compare(cell("methods", a, "heldout_strict"), cell("methods", b, "heldout_strict")),
+            )
+        )
+        claims.append(
+            (
+                f"{a} forgets less than {b}: higher out-of-domain accuracy (PickScore-OOD analogue)",
+                compare(cell("methods", a, "ood_strict"), cell("methods", b, "ood_strict")),
+            )
+        )
+
+    def efficiency(part, s):
+        r = row(part, s)
+        if not r or "heldout_strict" not in r or "kl_ref" not in r:
+            return None
+        gain = r["heldout_strict"][0] - r["heldout_strict_start"][0]
+        kl = max(r["kl_ref"][0], 1e-12)
+        rel = math.hypot(r["heldout_strict"][1] / max(abs(gain), 1e-12), r["kl_ref"][1] / kl)
+        return (gain / kl, abs(gain / kl) * rel, min(r["heldout_strict"][2], r["kl_ref"][2]))
+
+    for a, b in (("flow-dppo", "flow-grpo"), ("flow-dppo-cps", "flow-cps")):
+        claims.append(
+            (
+                f"{a} gains more held-out accuracy per unit of KL to the reference than {b}",
+                compare(efficiency("methods", a), efficiency("methods", b)),
+            )
+        )
+
+    def drop(preset):
+        i1, i2 = cell("methods", preset, "heldout_strict"), cell("multi-epoch", f"{preset}-I2", "heldout_strict")
+        if i1 is None or i2 is None:
+            return None
+        return (i2[0] - i1[0], math.hypot(i1[1], i2[1]), min(i1[2], i2[2]))
+
+    for a, b in (("flow-dppo", "flow-grpo"), ("flow-dppo-cps", "flow-cps")):
+        claims.append((f"going from I1 to I2, {a} keeps more accuracy than {b} (Figure 5)", compare(drop(a), drop(b))))
+    claims.append(
+        (
+            "the asymmetric mask beats the symmetric one (Figure 3)",
+            compare(
+                cell("methods", "flow-dppo", "heldout_strict"), cell("ablations", "dppo-symmetric", "heldout_strict")
+            ),
+        )
+    )
+    claims.append(
+        (
+            "GDPO keeps the graded compositional reward higher than the weighted sum",
+            compare(cell("multi-reward", "gdpo", "heldout_soft"), cell("multi-reward", "sum", "heldout_soft")),
+        )
+    )
+
+    lines += [
+        "## Verdicts",
+        "",
+        "A claim is *reproduced* when the mean difference over seeds exceeds twice its standard error in "
+        "the paper's direction, *not reproduced* when it does so in the other direction, and "
+        "*inconclusive at this scale* otherwise.",
+        "",
+        "| claim | verdict | numbers |",
+        "|---|---|---|",
+    ]
+    for claim, (verdict, text) in claims:
+        lines.append(f"| {claim} | **{verdict}** | {text} |")
+    lines.append("")
+    for title, name in figures:
+        lines += [f"## {title}", "", f"![{title}]({fig_rel}/{name})", ""]
+    return "\n".join(lines)
+
+
+def write_results(results: Path, doc: Path, fig_dir: Path, header: str = "") -> Path:
+    records = load_exports(results)
+    if not records:
+        raise FileNotFoundError(f"no exported runs under {results / 'raw'}: run the bench first")
+    figures = write_figures(records, fig_dir)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(results_markdown(records, figures, os.path.relpath(fig_dir, doc.parent), header))
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="flowdppo bench",
+        description="Rerun the paper's comparisons on the embedded shapes world (each part resumable).",
+    )
+    p.add_argument("--part", action="append", choices=PARTS + ("all",), help="part(s) to run (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; --quick: 2)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run of the harness (minutes)")
+    p.add_argument("--out", default=None, help="run directories (default runs/bench, or runs/bench-quick)")
+    p.add_argument("--results", default=None, help="compact exports (default docs/results, quick: <out>/results)")
+    p.add_argument("--doc", default=None, help="the results page (default docs/RESULTS.md, quick: <out>/RESULTS.md)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables, figures and RESULTS.md")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 3
+    if args.seeds < 1 or args.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    parts = list(PARTS) if not args.part or "all" in args.part else list(dict.fromkeys(args.part))
+    out = Path(args.out or ("runs/bench-quick" if args.quick else "runs/bench"))
+    results = Path(args.results or (out / "results" if args.quick else "docs/results"))
+    doc = Path(args.doc or (out / "RESULTS.md" if args.quick else "docs/RESULTS.md"))
+    plan = Plan(out=out, parts=parts, seeds=list(range(args.seeds)), quick=args.quick, extra=list(args.set))
+    if not args.report:
+        tic = time.perf_counter()
+        run_plan(plan, jobs=args.jobs)
+        export_plan(plan, results)
+        print(f"bench: {len(plan.runs())} runs finished in {(time.perf_counter() - tic) / 60:.1f} min")
+    path = write_results(results, doc, doc.parent / "figures" if not args.quick else out / "figures")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
