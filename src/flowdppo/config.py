@@ -117,8 +117,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 0
-    prompt_split: str = "train"
-    prompts_file: str | None = None  # one prompt a line (real models); None = the shapes world's train set
+    world: str | None = "shapes"  # prompt source: a world's name or package.module:object (flowdppo.worlds.world)
+    prompt_split: str = "train"  # the world's set to train on
+    prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
     log_ref_kl: bool = True  # measure KL to the reference at the anchor every iteration
     trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
@@ -131,7 +132,7 @@ class EvalConfig:
     every: int = 40  # iterations; 0 = only before and after training
     num_prompts: int = 96  # per set
     samples_per_prompt: int = 4  # fixed-noise samples of each evaluation prompt
-    sets: list[str] = field(default_factory=lambda: ["eval", "ood"])
+    sets: list[str] = field(default_factory=lambda: ["eval", "ood"])  # the world's evaluation sets
     grid_prompts: int = 8  # image grids before/after
     prompts_file: str | None = None  # real models: evaluation prompts (scored by the training reward)
     seed: int = 1234  # evaluation noise: the same images before and after training

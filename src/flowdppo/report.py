@@ -6,41 +6,12 @@ time, also for a run that is still going or was interrupted.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def save_image_grid(images: torch.Tensor, prompts: Sequence[str], n_cols: int, path: Path, scale: int = 4) -> None:
-    """``images`` ``[R*n_cols, 3, H, W]`` in [0, 1] -> a labelled PNG, one row per prompt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_rows = len(prompts)
-    imgs = images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 2.8, 1.3 * n_rows), squeeze=False)
-    for r in range(n_rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.imshow(imgs[r * n_cols + c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(prompts[r], rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+from flowdppo.training.runlog import read_jsonl
 
 
 def _plot(ax, xs, ys, label):
@@ -66,8 +37,8 @@ def write_report(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    evals = _read_jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    evals = read_jsonl(run_dir / "eval.jsonl")
     its = [m["iteration"] for m in metrics]
     figs = []
 

@@ -133,3 +133,44 @@ class PerPromptStatTracker:
         self.stats.clear()
         for k, v in state["stats"].items():
             self.stats[k].extend(v)
+
+
+def batch_advantages(
+    rewards: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    prompts: Sequence[str],
+    group_ids: torch.Tensor,
+    std: str = "global",
+    clip: float | None = None,
+    multi_reward: str = "sum",
+    tracker: PerPromptStatTracker | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch's advantages ``[B]`` from named reward components ``[B]`` and their ``weights``.
+
+    GDPO when ``multi_reward == "gdpo"`` and there are several components; else the weighted sum is
+    normalised by ``tracker`` (per-prompt statistics across iterations) or within its group. Also returns
+    the metrics: each component's and the total's mean, the zero-std group fraction, advantage statistics.
+    """
+    missing = [k for k in weights if k not in rewards]
+    if missing:
+        raise ValueError(
+            f"reward.weights names {missing[0]!r}, which the reward does not return; valid: {', '.join(rewards)}"
+        )
+    names = list(weights)
+    stacked = torch.stack([rewards[k] for k in names], 1)
+    w = [weights[k] for k in names]
+    total = combine_rewards(stacked, w)
+    if multi_reward == "gdpo" and len(names) > 1:
+        adv = gdpo_advantages(stacked, group_ids, w, clip=clip)
+    elif tracker is not None:
+        adv = tracker.update(prompts, total)
+        if clip is not None:
+            adv = adv.clamp(-clip, clip)
+    else:
+        adv = group_advantages(total, group_ids, std=std, clip=clip)
+    m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
+    m["reward/total"] = float(total.mean())
+    m["reward/zero_std_group_frac"] = zero_std_group_fraction(total, group_ids)
+    m.update({f"adv/{k}": float(getattr(adv, k)()) for k in ("mean", "std", "min", "max")})
+    m["adv/abs_mean"] = float(adv.abs().mean())
+    return adv.float(), m

@@ -159,7 +159,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Pa
     """``images [R*n_cols, 3, H, W]`` -> a labelled PNG (the report's helper, or plain PIL)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from flowdppo.report import save_image_grid
+        from flowdppo.training.evaluation import save_image_grid
 
         save_image_grid(images, list(labels), n_cols, path)
         return

@@ -519,19 +519,6 @@ class Dist:
                     m.reshard()
 
 
-class NullLogger:
-    """What processes other than rank 0 log to: nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def truncate_after(self, iteration: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def enable_gradient_checkpointing(model) -> bool:
     """Turn on activation checkpointing for ``model`` (``model.gradient_checkpointing``).
 
@@ -554,4 +541,4 @@ def enable_gradient_checkpointing(model) -> bool:
     return done
 
 
-__all__ = ["Dist", "NullLogger", "SHARDINGS", "enable_gradient_checkpointing"]
+__all__ = ["Dist", "SHARDINGS", "enable_gradient_checkpointing"]

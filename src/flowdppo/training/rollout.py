@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowdppo.core.sde import Kernel, StepOutput
+from flowdppo.core.sde import Kernel, StepOutput, uniform_shift_sigmas
 from flowdppo.models.base import Cond, FlowModel
 
 
@@ -199,3 +199,19 @@ def ode_sample(
 ) -> torch.Tensor:
     """Deterministic Euler sampling (evaluation): final latents ``[B, C, H, W]``."""
     return sample(model, Kernel(sampler="ode", eta=0.0), cond, sigmas, [], noise, guidance_scale)["final"]
+
+
+def sampling_schedule(model: FlowModel, s) -> tuple[torch.Tensor, Kernel]:
+    """The sigmas ``[N + 1]`` (CPU, fp32) and the kernel of a run's ``sampling`` section (a
+    :class:`flowdppo.config.SamplingConfig`): ``uniform-shift`` is the SD3 static shift with
+    ``sampling.shift`` whatever the model; otherwise the model's own schedule of that name."""
+    if s.schedule == "uniform-shift":
+        sigmas = uniform_shift_sigmas(s.num_steps, s.shift)
+    else:
+        sigmas = model.sigmas(s.num_steps, s.schedule).float().cpu()
+    if sigmas.shape != (s.num_steps + 1,):
+        raise ValueError(f"model.sigmas returned shape {tuple(sigmas.shape)}, expected ({s.num_steps + 1},)")
+    kernel = Kernel.for_schedule(
+        sigmas, sampler=s.sampler, eta=s.eta, logprob_reduction=s.logprob_reduction, cps_logprob=s.cps_logprob
+    )
+    return sigmas, kernel
