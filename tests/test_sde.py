@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from flowdppo.config import load_config
 from flowdppo.core import sde
 from flowdppo.core.sde import Kernel, cps_step, dance_step, flow_sde_step, gaussian_kl, transition_std
 
@@ -66,8 +67,8 @@ def test_schedule_values_from_spec():
 def test_schedule_errors_name_the_problem():
     with pytest.raises(ValueError, match="mu"):
         sde.diffusers_sigmas(10, {"use_dynamic_shifting": True})
-    with pytest.raises(ValueError, match="uniform-shift"):
-        sde.make_sigmas("cosine", 10)
+    with pytest.raises(ValueError, match="uniform-shift"):  # the schedule is chosen in the config
+        load_config(overrides=["sampling.schedule=cosine"])
     with pytest.raises(NotImplementedError, match="use_karras_sigmas"):
         sde.diffusers_sigmas(10, {"use_karras_sigmas": True})
 

@@ -10,7 +10,7 @@ index, next to the prediction, and the fraction a PPO range would clip on each s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +30,6 @@ class StepNoiseStats:
     ratio_median: float
     clip_low_frac: float  # r < 1 - eps
     clip_high_frac: float  # r > 1 + eps
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def ratio_noise_report(

@@ -302,8 +302,11 @@ def policy_loss(inp: LossInputs, spec: LossSpec) -> tuple[torch.Tensor, dict[str
     return loss, m
 
 
-def reduce_loss(loss: torch.Tensor) -> torch.Tensor:
-    """Mean over every (sample, step) entry, masked ones included (SPEC section 4)."""
+def reduce_loss(loss: torch.Tensor, n_entries: int | None = None) -> torch.Tensor:
+    """The training objective: the sum of the per-element loss ``[B, S]`` over ``n_entries``, masked
+    entries included. ``n_entries`` defaults to ``B * S`` (the mean); the trainer passes the whole
+    mini-batch's count when it back-propagates one step of one micro-batch at a time, so the summed
+    gradients are those of the mean over the mini-batch on any number of processes."""
     if loss.dim() != 2:
         raise ValueError(f"per-element loss must be [B, S], got {list(loss.shape)}")
-    return loss.mean()
+    return loss.sum() / (loss.numel() if n_entries is None else n_entries)

@@ -28,7 +28,6 @@ from flowdppo.registry import Registry, RegistryError
 
 REDUCTIONS = ("mean", "sum")
 CPS_LOGPROBS = ("gaussian", "unnormalized")
-SCHEDULES = ("diffusers", "uniform-shift")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -126,24 +125,6 @@ def diffusers_sigmas(
     return torch.cat([s, torch.zeros(1, dtype=torch.float32)])
 
 
-def make_sigmas(
-    schedule: str,
-    num_steps: int,
-    *,
-    shift: float = 3.0,
-    scheduler_config: Mapping[str, Any] | None = None,
-    mu: float | None = None,
-    base_sigmas: Any = None,
-) -> torch.Tensor:
-    """Dispatch on the schedule name (``"diffusers"`` or ``"uniform-shift"``)."""
-    if schedule == "uniform-shift":
-        return uniform_shift_sigmas(num_steps, shift)
-    if schedule == "diffusers":
-        cfg = dict(scheduler_config) if scheduler_config is not None else {"shift": shift}
-        return diffusers_sigmas(num_steps, cfg, mu=mu, base_sigmas=base_sigmas)
-    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -159,8 +140,8 @@ class StepOutput:
     log_prob: torch.Tensor | None
 
 
-def _as_batch(value: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A float/0-d/[B] sigma as an fp32 ``[B]`` tensor."""
+def sigma_batch(value: Any, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A float / 0-d / ``[B]`` sigma as an fp32 ``[B]`` tensor on ``device`` (the one sigma-to-batch helper)."""
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if t.dim() == 0:
         t = t.expand(batch)
@@ -219,8 +200,8 @@ def transition_std(
     s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
     if batch is None:
         batch = 1 if s.dim() == 0 else s.shape[0]
-    s = _as_batch(s, batch, s.device)
-    sn = _as_batch(sigma_next, batch, s.device)
+    s = sigma_batch(s, batch, s.device)
+    sn = sigma_batch(sigma_next, batch, s.device)
     if bool((sn >= s).any()):
         raise ValueError("sigma_next must be smaller than sigma (generation runs from 1 to 0)")
     if not spec.stochastic or eta == 0:
@@ -301,8 +282,8 @@ def _prepare(v: torch.Tensor, x: torch.Tensor, sigma: Any, sigma_next: Any):
     if x.dim() < 2:
         raise ValueError(f"latents must be [B, ...], got shape {tuple(x.shape)}")
     b = x.shape[0]
-    s = _as_batch(sigma, b, x.device)
-    sn = _as_batch(sigma_next, b, x.device)
+    s = sigma_batch(sigma, b, x.device)
+    sn = sigma_batch(sigma_next, b, x.device)
     return v.float(), x.float(), s, sn
 
 

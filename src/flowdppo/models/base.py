@@ -114,7 +114,7 @@ class FlowModel(Protocol):
         ...
 
     def sigmas(self, num_steps: int, schedule: str) -> torch.Tensor:
-        """The ``[num_steps + 1]`` sigma schedule (``"diffusers"`` or ``"uniform-shift"``), fp32, 1 -> 0."""
+        """The family's ``[num_steps + 1]`` sigma schedule (``"model"`` or ``"diffusers"``), fp32, 1 -> 0."""
         ...
 
     def disable_adapter(self) -> contextlib.AbstractContextManager:
@@ -134,6 +134,23 @@ class FlowModel(Protocol):
     def save_adapter(self, directory: str) -> None:
         """Export the trained weights in the model family's own loadable format."""
         ...
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (the one dtype table: ``model.dtype``, ``--dtype``)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``v_u + g (v_c - v_u)`` (every adapter combines in fp32 through this)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 @contextlib.contextmanager

@@ -45,24 +45,15 @@ import torch
 from torch import nn
 
 from flowdppo.core import sde
-from flowdppo.models.base import AdapterMixin, Cond
+from flowdppo.models.base import AdapterMixin, Cond, torch_dtype
 
 log = logging.getLogger("flowdppo")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_INFO_NAME = "flowdppo_adapter.json"
 FULL_TRANSFORMER_DIR = "transformer"
 ENCODE_BATCH = 16  # prompts per text-encoder call
 DECODE_BATCH = 8  # latents per VAE call
-
-
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_pipeline(pipeline_cls: type, path: str | None, dtype: torch.dtype, family: str):
@@ -154,8 +145,6 @@ class DiffusersFlowModel(AdapterMixin):
             self.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         else:
             self.enable_full_finetune()
-        if cfg.gradient_checkpointing:
-            self.enable_gradient_checkpointing()
         self.latent_shape: tuple[int, int, int] = self._latent_shape(int(cfg.resolution))
 
     def enable_gradient_checkpointing(self) -> None:
@@ -326,17 +315,14 @@ class DiffusersFlowModel(AdapterMixin):
 
     # ------------------------------------------------------------------ schedule and decoding
     def sigmas(self, num_steps: int, schedule: str = "model", shift: float | None = None) -> torch.Tensor:
-        """``[num_steps + 1]`` fp32, 1 -> 0. ``"model"``/``"diffusers"``: exactly the pipeline's own
-        schedule (dynamic shift with ``mu`` from the resolution included); ``"uniform-shift"``: the
-        SD3 shift of ``linspace(1, 0, N+1)`` with ``shift`` (default: the scheduler config's)."""
+        """``[num_steps + 1]`` fp32, 1 -> 0: exactly the pipeline's own schedule (``"model"`` or
+        ``"diffusers"``; dynamic shift with ``mu`` from the resolution included). ``uniform-shift`` never
+        reaches a model: :func:`flowdppo.training.rollout.sampling_schedule` builds it."""
         if schedule in ("model", "diffusers"):
             return sde.diffusers_sigmas(
                 num_steps, self.scheduler_config, mu=self._mu(num_steps), base_sigmas=self._base_sigmas(num_steps)
             )
-        if schedule == "uniform-shift":
-            s = float(self.scheduler_config.get("shift", 3.0) if shift is None else shift)
-            return sde.uniform_shift_sigmas(num_steps, s)
-        raise ValueError(f"unknown schedule {schedule!r}; valid: model, diffusers, uniform-shift")
+        raise ValueError(f"unknown schedule {schedule!r}; valid: model, diffusers")
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` fp32: ``vae.decode`` of :meth:`_vae_latents` then the
@@ -357,20 +343,9 @@ class DiffusersFlowModel(AdapterMixin):
         return x / self.vae.config.scaling_factor + shift
 
     # ------------------------------------------------------------------ helpers
-    def _sigma_batch(self, sigma: torch.Tensor | float, b: int) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        if s.ndim == 0:
-            s = s.expand(b)
-        if s.shape != (b,):
-            raise ValueError(f"sigma must be a scalar or [B]=[{b}], got {tuple(s.shape)}")
-        return s
-
     def _check_latents(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(
                 f"latents must be [B, {', '.join(map(str, self.latent_shape))}] for "
                 f"model.resolution={self.cfg.resolution}, got {tuple(x.shape)}"
             )
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.transformer.parameters() if p.requires_grad or not trainable_only)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from flowdppo.core import sde
-from flowdppo.models.base import Cond
-from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
+from flowdppo.models.base import Cond, cfg_combine, torch_dtype
+from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,8 @@ class FluxFlowModel(DiffusersFlowModel):
         )
 
     def _base_sigmas(self, num_steps: int) -> Any:
+        """``linspace(1, 1/N, N)``, what both FLUX pipelines pass to ``set_timesteps`` (unless the
+        scheduler uses its own flow sigmas)."""
         if self.scheduler_config.get("use_flow_sigmas"):
             return None
         return np.linspace(1.0, 1 / num_steps, num_steps)
@@ -99,7 +101,7 @@ class FluxFlowModel(DiffusersFlowModel):
         self._check_latents(x)
         b, _, h, w = x.shape
         dt = self._input_dtype
-        t = (1000.0 * self._sigma_batch(sigma, b)).to(dt) / 1000
+        t = (1000.0 * sde.sigma_batch(sigma, b, self.device)).to(dt) / 1000
         guidance = (
             torch.full((b,), float(guidance_scale), device=self.device, dtype=torch.float32)
             if self.has_guidance_embedding
@@ -166,10 +168,7 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
         _, h, w = self.latent_shape
         return compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps)
 
-    def _base_sigmas(self, num_steps: int) -> Any:
-        if self.scheduler_config.get("use_flow_sigmas"):
-            return None
-        return np.linspace(1.0, 1 / num_steps, num_steps)
+    _base_sigmas = FluxFlowModel._base_sigmas  # the same pipeline sigmas as FLUX.1
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         pe, _ = self.pipe.encode_prompt(
@@ -187,7 +186,7 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
         self._check_latents(x)
         b, c, h, w = x.shape
         dt = self._input_dtype
-        t = (1000.0 * self._sigma_batch(sigma, b)).to(dt) / 1000
+        t = (1000.0 * sde.sigma_batch(sigma, b, self.device)).to(dt) / 1000
         tokens = x.to(self.device, dt).reshape(b, c, h * w).permute(0, 2, 1)
         img_ids = self._ids(b, 1, h, w, 1, self.device)
         net = self._net()
@@ -212,7 +211,7 @@ class Flux2KleinFlowModel(DiffusersFlowModel):
             else:
                 npe = self.encode_prompts([""])["prompt_embeds"].to(self.device, dt).expand(b, -1, -1)
             v_u = call(npe)
-            v = v_u + guidance_scale * (v - v_u)
+            v = cfg_combine(v_u, v, guidance_scale)
         return v.permute(0, 2, 1).reshape(b, c, h, w)
 
     def _vae_latents(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from flowdppo.core import sde
-from flowdppo.models.base import Cond
-from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline, torch_dtype
+from flowdppo.models.base import Cond, cfg_combine, torch_dtype
+from flowdppo.models.diffusers_common import DiffusersFlowModel, load_pipeline
 
 
 class SD3FlowModel(DiffusersFlowModel):
@@ -69,7 +69,7 @@ class SD3FlowModel(DiffusersFlowModel):
         """fp32 ``[B, C, H, W]``; with ``g > 1`` one batched call on ``[negative, positive]`` as the pipeline."""
         self._check_latents(x)
         b = x.shape[0]
-        t = 1000.0 * self._sigma_batch(sigma, b)  # the pipeline's scheduler.timesteps (fp32)
+        t = 1000.0 * sde.sigma_batch(sigma, b, self.device)  # the pipeline's scheduler.timesteps (fp32)
         dt = self._input_dtype
         h = x.to(self.device, dt)
         pe = cond["prompt_embeds"].to(self.device, dt)
@@ -91,7 +91,7 @@ class SD3FlowModel(DiffusersFlowModel):
         v = v.float()
         if self.uses_true_cfg(guidance_scale):
             v_u, v_c = v.chunk(2)  # combined in fp32 (the pipeline combines in the network dtype)
-            v = v_u + guidance_scale * (v_c - v_u)
+            v = cfg_combine(v_u, v_c, guidance_scale)
         return v
 
 

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowdppo.models.base import AdapterMixin, Cond
+from flowdppo.core import sde
+from flowdppo.models.base import AdapterMixin, Cond, cfg_combine, torch_dtype
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"
 CONFIG_NAME = "config.json"
@@ -165,9 +166,6 @@ def _resolve_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
 
 class ShapesFlowModel(AdapterMixin):
     """The embedded shapes model behind the :class:`~flowdppo.models.base.FlowModel` protocol."""
-
-    COND_KEYS = ("encoder_hidden_states", "pooled_projections")
-    UNCOND_KEYS = ("uncond_encoder_hidden_states", "uncond_pooled_projections")
 
     def __init__(
         self,
@@ -347,9 +345,7 @@ class ShapesFlowModel(AdapterMixin):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
         """float32 ``[B, C, H, W]``; CFG ``v_u + g (v_c - v_u)`` in one batched call when ``g > 1``."""
         b = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=self.device, dtype=torch.float32)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
+        sigma = sde.sigma_batch(sigma, b, self.device)
         x = x.to(self.device, self.dtype)
         ehs = cond["encoder_hidden_states"].to(self.device, self.dtype)
         pooled = cond["pooled_projections"].to(self.device, self.dtype)
@@ -367,7 +363,7 @@ class ShapesFlowModel(AdapterMixin):
             torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([u_ehs, ehs]), torch.cat([u_pooled, pooled])
         ).float()
         v_u, v_c = v.chunk(2)
-        return v_u + guidance_scale * (v_c - v_u)
+        return cfg_combine(v_u, v_c, guidance_scale)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels: ``((x + 1) / 2).clamp(0, 1)``, float32 ``[B, 3, 32, 32]``."""
@@ -380,8 +376,6 @@ class ShapesFlowModel(AdapterMixin):
         ``linspace(1, 0, N+1)`` with ``s = shift`` (default: the model's ``default_shift``, 1.0 = linear);
         ``"diffusers"`` gives what a ``FlowMatchEulerDiscreteScheduler(shift=s)`` would.
         """
-        from flowdppo.core import sde
-
         s = float(self.config["default_shift"] if shift is None else shift)
         if schedule in ("model", "uniform-shift"):
             return sde.uniform_shift_sigmas(num_steps, s)
@@ -400,7 +394,10 @@ class ShapesFlowModel(AdapterMixin):
         schedule: str = "model",
         batch_size: int = 256,
     ) -> torch.Tensor:
-        """Euler ODE samples, images ``[B, 3, 32, 32]`` in ``[0, 1]`` (a convenience for eval and demos)."""
+        """Euler ODE samples (the sampler of :func:`flowdppo.training.rollout.ode_sample`), images
+        ``[B, 3, 32, 32]`` in ``[0, 1]``; initial noise from ``generator``, ``batch_size`` at a time."""
+        from flowdppo.training.rollout import ode_sample
+
         sig = self.sigmas(num_steps, schedule)
         out = []
         prompts = list(prompts)
@@ -408,15 +405,8 @@ class ShapesFlowModel(AdapterMixin):
             chunk = prompts[i : i + batch_size]
             cond = self.encode_prompts(chunk, guidance_scale)
             x = torch.randn((len(chunk), *self.latent_shape), generator=generator).to(self.device)
-            for k in range(num_steps):
-                s = sig[k].expand(len(chunk)).to(self.device)
-                v = self.velocity(x, s, cond, guidance_scale)
-                x = x + (sig[k + 1] - sig[k]).item() * v
-            out.append(self.decode(x).cpu())
+            out.append(self.decode(ode_sample(self, cond, sig, x, guidance_scale)).cpu())
         return torch.cat(out)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
 
 
 def build(cfg: Any) -> ShapesFlowModel:
@@ -425,9 +415,7 @@ def build(cfg: Any) -> ShapesFlowModel:
     Loads ``cfg.path`` (None = the shipped weights), then adds a LoRA adapter (``cfg.lora``) or
     switches to full fine-tuning with a frozen reference copy.
     """
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        getattr(cfg, "dtype", "float32")
-    ]
+    dtype = torch_dtype(getattr(cfg, "dtype", "float32"))
     model = ShapesFlowModel.from_pretrained(
         getattr(cfg, "path", None), device=getattr(cfg, "device", "cpu"), dtype=dtype
     )

@@ -155,7 +155,7 @@ def build_bench_model(model_cfg: Any, tiny: bool, seed: int = 0):
     """The SD3.5-medium-sized (or tiny) model with random weights, as an SD3FlowModel."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from flowdppo.models.diffusers_common import torch_dtype
+    from flowdppo.models.base import torch_dtype
 
     device, dtype = torch.device(model_cfg.device), torch_dtype(model_cfg.dtype)
     torch.manual_seed(seed)

@@ -109,27 +109,35 @@ def evaluate(
     evaluates). Returns ``{"overall": strict over all samples, "overall_soft", "macro": mean over
     categories, "per_category": {cat: strict}, "n": samples}``; optionally writes a PNG grid.
     """
+    from flowdppo.rewards import shapes_reward
+    from flowdppo.training.evaluation import Evaluator
     from flowdppo.worlds import shapes
+    from flowdppo.worlds.world import ShapesWorld
 
     model.module.eval()
     if prompts is None:
         prompts = shapes.prompt_sets(seed=0)["eval"]
-    rows = [p for p in prompts for _ in range(samples_per_prompt)]
-    gen = torch.Generator().manual_seed(seed)
-    images = model.generate(
-        [p.text for p in rows], num_steps=num_steps, guidance_scale=guidance_scale, generator=gen, schedule=schedule
+    # the trainer's evaluator: fixed-noise Euler ODE samples, the shapes reward, the world's per-category breakdown
+    ev = Evaluator(
+        model,
+        model.sigmas(num_steps, schedule),
+        lambda ps: model.encode_prompts(ps, guidance_scale),
+        shapes_reward(),
+        {"eval": [p.text for p in prompts]},
+        ShapesWorld().breakdown,
+        samples_per_prompt=samples_per_prompt,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        batch_size=256,
     )
-    scores = shapes.score_batch(rows, images)
-    strict = np.array([float(s.strict) for s in scores])
-    soft = np.array([float(s.soft) for s in scores])
-    cats = [p.category for p in rows]
-    per_cat = {c: float(strict[[ci == c for ci in cats]].mean()) for c in shapes.CATEGORIES if c in cats}
+    r = ev.evaluate()
+    per_cat = {c: r[f"eval/eval/strict/{c}"] for c in shapes.CATEGORIES if f"eval/eval/strict/{c}" in r}
     res = {
-        "overall": float(strict.mean()),
-        "overall_soft": float(soft.mean()),
+        "overall": r["eval/eval/strict"],
+        "overall_soft": r["eval/eval/soft"],
         "macro": float(np.mean(list(per_cat.values()))),
         "per_category": per_cat,
-        "n": len(rows),
+        "n": len(prompts) * samples_per_prompt,
         "num_steps": num_steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
@@ -143,37 +151,8 @@ def evaluate(
             for c in list(by_cat):
                 if by_cat[c] and len(picked) < grid_prompts:
                     picked.append(by_cat[c].pop(0))
-        g = torch.Generator().manual_seed(seed + 1)
-        imgs = model.generate(
-            [p.text for p in picked for _ in range(grid_seeds)],
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=g,
-            schedule=schedule,
-        )
-        save_grid(imgs, [p.text for p in picked], grid_seeds, Path(grid_path))
+        ev.grid(Path(grid_path), n_seeds=grid_seeds, prompts=[p.text for p in picked])
     return res
-
-
-def save_grid(images: torch.Tensor, labels: Sequence[str], n_cols: int, path: Path) -> None:
-    """``images [R*n_cols, 3, H, W]`` -> a labelled PNG (the report's helper, or plain PIL)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        from flowdppo.training.evaluation import save_image_grid
-
-        save_image_grid(images, list(labels), n_cols, path)
-        return
-    except Exception:  # noqa: BLE001 - the report module is optional here
-        pass
-    from PIL import Image
-
-    r, (h, w) = len(labels), images.shape[2:]
-    grid = torch.ones(3, r * (h + 2), n_cols * (w + 2))
-    for i in range(r):
-        for j in range(n_cols):
-            grid[:, i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = images[i * n_cols + j]
-    arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
-    Image.fromarray(arr).resize((arr.shape[1] * 4, arr.shape[0] * 4), Image.NEAREST).save(path)
 
 
 def format_eval(res: dict[str, Any]) -> str:

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     family = args.model_family or info.get("family") or "shapes"
     prompts = _prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from flowdppo.models.diffusers_common import torch_dtype
+    from flowdppo.models.base import torch_dtype
 
     dtype = torch_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if family in FAMILY_PIPELINE:

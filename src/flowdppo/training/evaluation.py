@@ -23,7 +23,7 @@ from flowdppo.core.analysis import ratio_noise_report
 from flowdppo.core.sde import Kernel
 from flowdppo.models.base import Cond, FlowModel
 from flowdppo.training.distributed import Dist
-from flowdppo.training.prompts import PromptSource
+from flowdppo.training.prompts import Breakdown, PromptSource
 from flowdppo.training.rollout import Trajectories, ode_sample, replay_step
 
 
@@ -51,24 +51,46 @@ def save_image_grid(images: torch.Tensor, prompts: Sequence[str], n_cols: int, p
 
 
 class Evaluator:
-    """Scores a model on the run's evaluation sets; ``encode`` maps prompts to conditioning (cached)."""
+    """Scores a model on named evaluation sets (the trainer's, or any: ``flowdppo pretrain`` uses it too).
+
+    ``encode`` maps prompts to conditioning; ``breakdown`` (optional) adds a world's own metrics;
+    ``batch_size`` samples per forward (the noise is drawn in chunks of it, so it is part of the seed).
+    """
 
     def __init__(
         self,
-        cfg: Config,
         model: FlowModel,
         sigmas: torch.Tensor,
         encode: Callable[[Sequence[str]], Cond],
         reward_fn: Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]],
-        source: PromptSource,
-        dist: Dist,
+        eval_sets: dict[str, list[str]],
+        breakdown: Breakdown | None = None,
+        *,
+        samples_per_prompt: int = 1,
+        seed: int = 0,
+        guidance_scale: float = 1.0,
+        batch_size: int = 128,
+        grid_prompts: int = 8,
+        dist: Dist | None = None,
     ):
-        self.cfg, self.model, self.sigmas, self.encode, self.reward_fn = cfg, model, sigmas, encode, reward_fn
-        self.eval_sets, self.breakdown, self.dist = source.eval_sets, source.breakdown, dist
+        self.model, self.sigmas, self.encode, self.reward_fn = model, sigmas, encode, reward_fn
+        self.eval_sets, self.breakdown, self.dist = eval_sets, breakdown, dist if dist is not None else Dist()
+        self.samples_per_prompt, self.seed, self.guidance_scale = samples_per_prompt, seed, guidance_scale
+        self.batch_size, self.grid_prompts = batch_size, grid_prompts
+
+    @classmethod
+    def for_run(cls, cfg: Config, model, sigmas, encode, reward_fn, source: PromptSource, dist: Dist) -> Evaluator:
+        """The evaluator of a training run: ``eval.*`` settings, the rollout batch size, the run's CFG."""
+        e = cfg.eval
+        return cls(
+            model, sigmas, encode, reward_fn, source.eval_sets, source.breakdown,
+            samples_per_prompt=e.samples_per_prompt, seed=e.seed, guidance_scale=cfg.sampling.guidance_scale,
+            batch_size=cfg.train.rollout_batch_size, grid_prompts=e.grid_prompts, dist=dist,
+        )  # fmt: skip
 
     def _images(self, prompts: Sequence[str], noise: torch.Tensor, bs: int) -> torch.Tensor:
         """Decoded ODE samples ``[b, 3, H, W]`` on the CPU from initial noise ``[b, C, H, W]``, ``bs`` at a time."""
-        dev, g = self.model.device, self.cfg.sampling.guidance_scale
+        dev, g = self.model.device, self.guidance_scale
         finals = [
             ode_sample(
                 self.model, self.encode(prompts[i : i + bs]).to(dev), self.sigmas, noise[i : i + bs].to(dev), g
@@ -82,12 +104,12 @@ class Evaluator:
         self.model.module.eval()
         out: dict[str, Any] = {}
         c, h, w = self.model.latent_shape
-        bs = self.cfg.train.rollout_batch_size
+        bs = self.batch_size
         for name, unique in self.eval_sets.items():
             if not unique:
                 continue
-            prompts = [p for p in unique for _ in range(self.cfg.eval.samples_per_prompt)]
-            gen = torch.Generator().manual_seed(self.cfg.eval.seed)
+            prompts = [p for p in unique for _ in range(self.samples_per_prompt)]
+            gen = torch.Generator().manual_seed(self.seed)
             noise = torch.cat(
                 [torch.randn((min(bs, len(prompts) - i), c, h, w), generator=gen) for i in range(0, len(prompts), bs)]
             )
@@ -105,14 +127,19 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def grid(self, path: Path, n_prompts: int | None = None, n_seeds: int = 4) -> Path | None:
-        """A PNG grid: rows = the first evaluation prompts, columns = fixed seeds (same before/after)."""
-        prompts = next(iter(self.eval_sets.values()), [])[: n_prompts or self.cfg.eval.grid_prompts]
+    def grid(
+        self, path: Path, n_prompts: int | None = None, n_seeds: int = 4, prompts: Sequence[str] | None = None
+    ) -> Path | None:
+        """A PNG grid: rows = ``prompts`` (default: the first evaluation prompts), columns = fixed seeds
+        (noise from ``seed + 1``: the same images before and after training)."""
+        if prompts is None:
+            prompts = next(iter(self.eval_sets.values()), [])[: n_prompts or self.grid_prompts]
+        prompts = list(prompts)
         if not prompts:
             return None
         self.model.module.eval()
         c, h, w = self.model.latent_shape
-        gen = torch.Generator().manual_seed(self.cfg.eval.seed + 1)
+        gen = torch.Generator().manual_seed(self.seed + 1)
         rows = [p for p in prompts for _ in range(n_seeds)]
         noise = torch.randn((len(rows), c, h, w), generator=gen)
         images = self._images(rows, noise, len(rows))

@@ -12,11 +12,11 @@ Shapes: ``B`` samples, ``S`` SDE steps, latents ``[C, H, W]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from flowdppo.core.sde import Kernel, StepOutput, uniform_shift_sigmas
+from flowdppo.core.sde import Kernel, StepOutput, sigma_batch, uniform_shift_sigmas
 from flowdppo.models.base import Cond, FlowModel
 
 
@@ -34,7 +34,6 @@ class Trajectories:
     log_probs: torch.Tensor
     means: torch.Tensor
     final: torch.Tensor  # [B, C, H, W]
-    extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         b, s = len(self.prompts), len(self.sde_steps)
@@ -45,10 +44,6 @@ class Trajectories:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-def _sigma_batch(value: torch.Tensor, b: int, device: torch.device) -> torch.Tensor:
-    return value.to(device=device, dtype=torch.float32).expand(b)
 
 
 @torch.no_grad()
@@ -78,8 +73,8 @@ def sample(
     x = noise.float()
     lat, nxt, means, lps = [], [], [], []
     for k in range(n):
-        s = _sigma_batch(sigmas[k], b, device)
-        sn = _sigma_batch(sigmas[k + 1], b, device)
+        s = sigma_batch(sigmas[k], b, device)
+        sn = sigma_batch(sigmas[k + 1], b, device)
         v = model.velocity(x, s, cond, guidance_scale)
         if k in sde:
             eps = step_noise[:, sde[k]] if step_noise is not None else None
@@ -113,7 +108,6 @@ def rollout(
     generator: torch.Generator,
     batch_size: int,
     store_device: torch.device | str | None = None,
-    progress=None,
     part: slice | None = None,
     same_initial_noise: bool = False,
 ) -> Trajectories:
@@ -158,8 +152,6 @@ def rollout(
         if store_device is not None:
             out = {k: v.to(store_device) for k, v in out.items()}
         chunks.append(out)
-        if progress is not None:
-            progress(idx.stop - idx.start)
     cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
     return Trajectories(
         prompts,
@@ -187,8 +179,8 @@ def replay_step(
     k = traj.sde_steps[j]
     x = traj.latents[idx, j].to(dev)
     b = x.shape[0]
-    s = _sigma_batch(traj.sigmas[k], b, dev)
-    sn = _sigma_batch(traj.sigmas[k + 1], b, dev)
+    s = sigma_batch(traj.sigmas[k], b, dev)
+    sn = sigma_batch(traj.sigmas[k + 1], b, dev)
     v = model.velocity(x, s, traj.cond.index(idx).to(dev), guidance_scale)
     return kernel.step(v, x, s, sn, prev_sample=traj.next_latents[idx, j].to(dev))
 

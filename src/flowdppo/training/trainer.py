@@ -111,7 +111,7 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self._prompt_cache: dict[str, Cond] = {}
-        self.evaluator = Evaluator(cfg, self.model, self.sigmas, self.encode, self.reward_fn, source, self.dist)
+        self.evaluator = Evaluator.for_run(cfg, self.model, self.sigmas, self.encode, self.reward_fn, source, self.dist)
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning for ``prompts`` (each unique prompt encoded once and cached)."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flowdppo.config import Config
-from flowdppo.core.losses import LossInputs, LossSpec, policy_loss
+from flowdppo.core.losses import LossInputs, LossSpec, policy_loss, reduce_loss
 from flowdppo.core.sde import Kernel
 from flowdppo.core.steps import StepSelection
 from flowdppo.models.base import FlowModel
@@ -132,7 +132,7 @@ def minibatch_step(
                 kl_ref=kl_ref,
             )
             loss, _ = policy_loss(inp, spec)
-            dist.backward(loss.sum() / n_entries)
+            dist.backward(reduce_loss(loss, n_entries))
             cols["logp_new"].append(out.log_prob.detach().cpu())
             cols["kl"].append(kl.detach().cpu())
             if kl_ref is not None:

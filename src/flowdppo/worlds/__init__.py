@@ -1,4 +1,5 @@
-"""Embedded worlds: procedurally rendered scenes with exact, rule-based rewards (see README.md)."""
+"""Worlds: prompt sources with their own evaluation breakdown (:mod:`flowdppo.worlds.world`), and the
+embedded shapes world, procedurally rendered scenes with an exact, rule-based reward (see README.md)."""
 
 from flowdppo.worlds.shapes import (
     BACKGROUND,
@@ -27,8 +28,13 @@ from flowdppo.worlds.shapes import (
     score_batch,
     vocabulary,
 )
+from flowdppo.worlds.world import WORLDS, ShapesWorld, World, build_world
 
 __all__ = [
+    "WORLDS",
+    "ShapesWorld",
+    "World",
+    "build_world",
     "BACKGROUND",
     "CATEGORIES",
     "COLORS",
