@@ -248,7 +248,7 @@ def test_kl_formula_and_reduction():
 
 
 def test_log_ratio_moments_high_dim():
-    """In dimension >= 4096, log r has mean -KL and variance 2 KL (SPEC section 9)."""
+    """In dimension >= 4096, log r has mean -KL and variance 2 KL (docs/flow-dppo.md, section "Ratio noise")."""
     dim, n = 4096, 4000
     g = torch.Generator().manual_seed(0)
     std = torch.full((n,), 0.5)

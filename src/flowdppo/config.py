@@ -1,7 +1,7 @@
 """Typed, validated configuration: YAML -> dataclasses, presets, ``--set key=value`` overrides.
 
 Every section is a dataclass; :func:`from_dict` rejects an unknown key or a bad value at start with a
-message that names it and lists what would be valid. Presets (SPEC section 8) are plain override
+message that names it and lists what would be valid. Presets (docs/flow-dppo.md, section "Presets") are plain override
 dicts applied before the user's file and ``--set`` values.
 """
 
@@ -169,7 +169,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets (SPEC section 8)
+# Presets (docs/flow-dppo.md, section "Presets")
 # --------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {

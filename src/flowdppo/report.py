@@ -95,7 +95,8 @@ def write_report(run_dir: str | Path) -> Path:
             ax.set_title("reward per unit of KL")
             _save(fig, run_dir, "plot_acc_vs_kl.png", "Accuracy against KL to the reference", figs)
 
-    # ratio noise (SPEC section 9) measured live: std[log r] against sqrt(2 KL), and PPO-0.2 clip fractions
+    # ratio noise (docs/flow-dppo.md, section "Ratio noise") measured live: std[log r] against sqrt(2 KL),
+    # and PPO-0.2 clip fractions
     noise = [m for m in metrics if any(k.startswith("ratio_noise/") for k in m)]
     if noise:
         fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))

@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC section 5).
+"""Group-relative advantages (docs/flow-dppo.md, section "Advantages").
 
 All functions take rewards ``[B]`` (or ``[B, K]`` for K rewards) and integer group ids ``[B]`` (the
 prompt index of each sample) and return advantages ``[B]``.

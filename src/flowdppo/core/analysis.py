@@ -1,4 +1,5 @@
-"""Ratio-noise diagnostics (SPEC section 9): how noisy is the probability ratio that clipping trusts?
+"""Ratio-noise diagnostics: how noisy is the probability ratio that clipping trusts? (docs/flow-dppo.md,
+section "Ratio noise")
 
 With ``x' = mean_old + std * eps`` and ``d = mean_new - mean_old`` the exact log-ratio is
 ``log r = eps.d / std - ||d||^2 / (2 std^2)``: its mean is ``-KL`` and its variance ``2 KL``. With

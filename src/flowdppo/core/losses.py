@@ -1,4 +1,4 @@
-"""Trust regions as pure functions (SPEC section 4).
+"""Trust regions as pure functions (docs/flow-dppo.md, section "Losses").
 
 Every loss takes per-(sample, step) tensors ``[B, S]`` and returns ``(loss [B, S], metrics)`` where
 ``metrics`` is a dict of detached python floats. The training objective is the plain mean of the

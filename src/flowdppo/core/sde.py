@@ -1,4 +1,5 @@
-"""Sigma schedules, per-step transition kernels and the exact Gaussian divergence (SPEC sections 1-3).
+"""Sigma schedules, per-step transition kernels and the exact Gaussian divergence (docs/flow-dppo.md,
+sections "The MDP", "Transition kernels" and "Exact KL").
 
 Every denoising step of a flow model is a Gaussian policy ``N(mean(x_k), std_k^2 I)``. This module
 owns the three facts the rest of the package needs about it and nowhere else re-derives them:
@@ -239,7 +240,7 @@ def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor, r
     """Exact KL between ``N(mean_a, std^2 I)`` and ``N(mean_b, std^2 I)``: ``||a - b||^2 / (2 std^2)``, ``[B]``.
 
     Equal covariances make it symmetric. ``reduction="mean"`` divides by the latent size (the
-    official code's normalisation, SPEC section 3). fp32 whatever the input dtype.
+    official code's normalisation, docs/flow-dppo.md, section "Exact KL"). fp32 whatever the input dtype.
     """
     if mean_a.shape != mean_b.shape:
         raise ValueError(f"means disagree in shape: {tuple(mean_a.shape)} vs {tuple(mean_b.shape)}")

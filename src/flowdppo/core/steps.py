@@ -1,4 +1,4 @@
-"""Which denoising steps are stochastic (SDE) and trained (SPEC section 6).
+"""Which denoising steps are stochastic (SDE) and trained (docs/flow-dppo.md, section "Step selection").
 
 A step index ``k`` is the transition ``sigmas[k] -> sigmas[k+1]`` of an ``N``-step schedule. Every
 strategy returns a sorted list of indices; all other steps are Euler ODE steps and are not trained.

@@ -9,7 +9,7 @@ Conventions
 - Latents are ``[B, C, H, W]`` tensors in the *unpacked* layout; an adapter whose transformer wants
   packed tokens (FLUX) packs and unpacks inside :meth:`FlowModel.velocity`.
 - ``sigma`` is the flow time in ``[0, 1]`` (1 = noise, 0 = data); adapters call their network with
-  ``timestep = 1000 * sigma`` (SPEC section 1).
+  ``timestep = 1000 * sigma`` (docs/flow-dppo.md, section "The MDP").
 - :meth:`FlowModel.velocity` returns float32 whatever the network's dtype: the transition maths is
   done in fp32 by :mod:`flowdppo.core.sde`.
 - Conditioning is a :class:`Cond`: a dict of tensors that all share the leading batch dimension,

@@ -1,7 +1,8 @@
 """Several processes, one update: the process group, the split of the work and the exchanges.
 
-How N processes (``torchrun`` or ``accelerate launch``, one or several nodes) run SPEC section 7 so
-that an update is the one a single process makes on the same batch, to float tolerance:
+How N processes (``torchrun`` or ``accelerate launch``, one or several nodes) run an iteration
+(docs/flow-dppo.md, section "One iteration") so that an update is the one a single process makes on
+the same batch, to float tolerance:
 
 - Every process draws the iteration's randomness for the *whole* batch from the same seeded CPU
   generators (prompts, initial and SDE noise, the permutations); each rolls out only its contiguous

@@ -2,9 +2,9 @@
 
 :func:`rollout` runs the whole schedule: SDE steps (``sde_steps``) through the kernel, every other
 step as an Euler ODE step, and stores only the latent before and after each SDE step, its log-prob and
-mean, and the final sample (SPEC section 6). :func:`replay_step` scores one stored step under the
-current weights through the very same kernel call (``prev_sample`` given), so that sampling and
-training can never disagree on the maths.
+mean, and the final sample (docs/flow-dppo.md, section "Step selection"). :func:`replay_step` scores
+one stored step under the current weights through the very same kernel call (``prev_sample``
+given), so that sampling and training can never disagree on the maths.
 
 Shapes: ``B`` samples, ``S`` SDE steps, latents ``[C, H, W]``.
 """
