@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from flowdppo.training.runlog import read_jsonl
+
 #: the bench's training geometry (the demo's, shortened so that a part fits in about an hour of 2 cores)
 COMMON = (
     "train.iterations=120",
@@ -256,21 +258,10 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for ln in path.read_text().splitlines():
-            try:
-                out.append(json.loads(ln))
-            except json.JSONDecodeError:  # a torn last line of an interrupted run
-                continue
-    return out
-
-
 def export_run(run_dir: Path, setting: Setting, seed: int) -> dict[str, Any]:
     """The compact record of one run: its evaluation lines and a thinned set of per-iteration metrics."""
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    evals = _read_jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    evals = read_jsonl(run_dir / "eval.jsonl")
     keep = []
     for m in metrics:
         row = {"iteration": m["iteration"]}

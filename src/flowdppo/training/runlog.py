@@ -18,9 +18,16 @@ log = logging.getLogger("flowdppo")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The records of a ``.jsonl`` file (none if it is missing); a torn last line of an interrupted run
+    is skipped."""
+    out = []
+    if path.exists():
+        for ln in path.read_text().splitlines():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -90,14 +90,8 @@ class Trainer:
         source = prompt_source(cfg, prompts, eval_sets)
         self.train_prompts, self.eval_sets = source.train, source.eval_sets
         self.sigmas, self.kernel = sampling_schedule(self.model, s)
-        self.loss_spec = LossSpec(
-            name=a.loss,
-            delta=a.delta,
-            clip_eps=a.clip_eps,
-            loss_adv_clip=a.loss_adv_clip,
-            beta=a.beta,
-            args=a.loss_args,
-        )
+        knobs = dict(delta=a.delta, clip_eps=a.clip_eps, loss_adv_clip=a.loss_adv_clip, beta=a.beta, args=a.loss_args)
+        self.loss_spec = LossSpec(name=a.loss, **knobs)
         self.step_sel = StepSelection(**asdict(cfg.steps))
         if not any(p.requires_grad for p in self.model.trainable_parameters()):
             raise ValueError("the model has no trainable parameters (enable model.lora or full fine-tuning)")
@@ -283,11 +277,7 @@ class Trainer:
                 it = self.iteration
                 m = self.iteration_step(it)
                 self.iteration = it + 1
-                if (
-                    self.eval_sets
-                    and cfg.eval.every
-                    and (self.iteration % cfg.eval.every == 0 or self.iteration == cfg.train.iterations)
-                ):
+                if self._eval_due():
                     tic = time.perf_counter()
                     m.update(self._log_eval(it))
                     m["time/eval"] = time.perf_counter() - tic
@@ -322,6 +312,11 @@ class Trainer:
 
             write_report(self.run_dir)
         self.dist.barrier()
+
+    def _eval_due(self) -> bool:
+        """After every ``eval.every`` iterations and after the last one (never when ``eval.every`` is 0)."""
+        every, n = self.cfg.eval.every, self.iteration
+        return bool(self.eval_sets) and every > 0 and (n % every == 0 or n == self.cfg.train.iterations)
 
     def _log_eval(self, it: int) -> dict[str, Any]:
         res = self.evaluate()
