@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from flowdppo.models.base import DTYPES
+
 log = logging.getLogger("flowdppo")
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json
@@ -250,7 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["bfloat16", "float16", "float32"],
+        choices=list(DTYPES),
         help="default: bfloat16 (float32 with --tiny)",
     )
     p.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 32 with --tiny)")

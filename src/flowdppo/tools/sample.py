@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from flowdppo.models.base import DTYPES
+
 FAMILY_PIPELINE = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 TRANSFORMERS = {
     "StableDiffusion3Pipeline": "SD3Transformer2DModel",
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         help="default: bfloat16 on cuda, float32 on cpu",
     )
     p.add_argument("--out", default="samples", help="output directory")
