@@ -74,6 +74,7 @@ def test_components_by_import_path_train_two_iterations(tmp_path):
         ("algorithm.loss=ppo", "algorithm.loss"),
         ("sampling.sampler=euler", "sampling.sampler"),
         ("model.family=sdxl", "model.family"),
+        ("train.world=lego", "train.world"),
     ],
 )
 def test_unknown_name_lists_registered_and_import_path(override, key):

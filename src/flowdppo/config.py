@@ -365,12 +365,14 @@ def _registries() -> list[tuple[Registry, str]]:
     """Each registry with the config value that selects from it."""
     from flowdppo.models import MODEL_FAMILIES
     from flowdppo.rewards import REWARDS
+    from flowdppo.worlds import WORLDS
 
     return [
         (MODEL_FAMILIES, "model.family"),
         (SAMPLERS, "sampling.sampler"),
         (LOSSES, "algorithm.loss"),
         (REWARDS, "reward.name"),
+        (WORLDS, "train.world"),
     ]
 
 
@@ -383,7 +385,7 @@ def _check_registries(cfg: Config) -> None:
     """Every registry-selected value names a registered entry or an import path that resolves."""
     for registry, key in _registries():
         value = _get_key(cfg, key)
-        if value in registry:
+        if value is None or value in registry:  # None: train.world=null (prompts from files)
             continue  # built-in: not imported here (model families import their libraries lazily)
         try:
             registry.get(value)
