@@ -49,6 +49,14 @@ def http_reward(url: str | None = None, **kwargs) -> RewardFn:
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward", "reward.name")
 REWARDS.register("shapes", shapes_reward)
 REWARDS.register("http", http_reward)
+# learned and rule-based rewards: lazy entries, imported on first use (heavy dependencies stay optional)
+REWARDS.register("pickscore", "flowdppo.rewards.learned:PickScore")
+REWARDS.register("clipscore", "flowdppo.rewards.learned:CLIPScore")
+REWARDS.register("aesthetic", "flowdppo.rewards.learned:Aesthetic")
+REWARDS.register("hpsv2", "flowdppo.rewards.learned:HPSv2")
+REWARDS.register("ocr", "flowdppo.rewards.ocr:OCRReward")
+REWARDS.register("vqa-judge", "flowdppo.rewards.vqa:VQAJudge")
+REWARDS.register("jpeg", "flowdppo.rewards.jpeg:JPEGCompressibility")
 
 
 def build_reward(cfg) -> RewardFn:
@@ -62,3 +70,12 @@ def build_reward(cfg) -> RewardFn:
         return factory(**args)
     except TypeError as e:
         raise RegistryError(f"reward.args do not fit reward {cfg.name!r}: {e}") from None
+
+
+def build_reward_by_name(name: str, args: dict | None = None) -> RewardFn:
+    """A registered reward name or an import path ``package.module:factory``, called with ``args``."""
+    factory = REWARDS.get(name)
+    try:
+        return factory(**(args or {}))
+    except TypeError as e:
+        raise RegistryError(f"reward args do not fit reward {name!r}: {e}") from None
