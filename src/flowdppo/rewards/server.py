@@ -21,7 +21,9 @@ import base64
 import binascii
 import io
 import json
+import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,6 +166,22 @@ def make_server(
             else:
                 self._reply(404, {"error": f"no route {self.path!r}; routes: POST /score, GET /health, GET /info"})
 
+        def _discard_unread(self, n: int, seconds: float = 2.0) -> None:
+            """After refusing a body unread: stop writing, then read and drop (64 KiB at a time, for at most
+            ``seconds``) what the client still sends, so that it can read the answer instead of a reset."""
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.2)
+                end = time.monotonic() + seconds
+                while n > 0 and time.monotonic() < end:
+                    chunk = self.connection.recv(min(n, 1 << 16))
+                    if not chunk:
+                        break
+                    n -= len(chunk)
+            except OSError:
+                pass
+
         def _read_body(self) -> bytes:
             length = self.headers.get("Content-Length")
             if length is None:
@@ -175,6 +193,7 @@ def make_server(
             if n < 0:
                 raise RequestError(400, f"bad Content-Length {length!r}")
             if n > limits.max_body_bytes:
+                self._unread = n
                 raise RequestError(
                     413,
                     f"body of {n} bytes exceeds the limit of {limits.max_body_bytes} bytes (--max-body-mb); "
@@ -207,6 +226,8 @@ def make_server(
                 except RequestError as e:
                     # a refused body may be unread: close the connection rather than parse it as a request
                     self._reply(e.status, {"error": str(e)}, close=e.status != 500)
+                    if getattr(self, "_unread", 0):
+                        self._discard_unread(self._unread)
                 except TimeoutError:
                     self._reply(408, {"error": f"no data for {limits.read_timeout} s (--read-timeout)"}, close=True)
 
