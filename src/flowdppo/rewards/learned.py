@@ -14,6 +14,7 @@ Needs ``transformers`` (``pip install "flowdppo[rewards]"``).
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,19 @@ def require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingDependency(f"this reward needs {', '.join(missing)}: {EXTRA_HINT}")
+
+
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_model(key: tuple, load):
+    """One loaded model per ``key`` (weights, device, dtype) while any scorer holds it: components that
+    load the same weights share them."""
+    model = _SHARED.get(key)
+    if model is None:
+        model = load()
+        _SHARED[key] = model
+    return model
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -132,7 +146,10 @@ class CLIPScorer:
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         model = model or self.default_model
         processor = processor or self.default_processor or model
-        self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        self.model = shared_model(
+            ("clip", model, str(self.device), str(self.dtype)),
+            lambda: CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval(),
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(processor)
         self.transform = ImageTransform(AutoImageProcessor.from_pretrained(processor))
         self.max_length = min(77, int(getattr(self.model.config.text_config, "max_position_embeddings", 77)))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowdppo.rewards.learned import require, resolve_device_dtype
+from flowdppo.rewards.learned import require, resolve_device_dtype, shared_model
 
 
 def load_questions(path: str) -> dict[str, list[tuple[str, str]]]:
@@ -108,7 +108,10 @@ class VQAJudge:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"vqa-judge: the tokenizer of {model!r} has no chat template")
         self.image_processor = AutoImageProcessor.from_pretrained(model)
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        self.model = shared_model(
+            ("vlm", model, str(self.device), str(self.dtype)),
+            lambda: AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype).to(self.device).eval(),
+        )
         self.image_token = image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:

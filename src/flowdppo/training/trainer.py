@@ -34,7 +34,7 @@ from flowdppo.core.losses import LossSpec
 from flowdppo.core.steps import StepSelection
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
-from flowdppo.rewards import build_reward
+from flowdppo.rewards import build_eval_reward, build_reward
 from flowdppo.training import checkpoint as ckpt
 from flowdppo.training import update
 from flowdppo.training.distributed import Dist, enable_gradient_checkpointing
@@ -86,7 +86,9 @@ class Trainer:
         if model is None:
             model = build_model(dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
         self.model = model
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
+        cache: dict = {}  # components with the same name and args are one instance (training and evaluation)
+        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward, cache)
+        self.eval_reward_fn = build_eval_reward(cfg.reward, cache) or self.reward_fn
         source = prompt_source(cfg, prompts, eval_sets)
         self.train_prompts, self.eval_sets = source.train, source.eval_sets
         self.sigmas, self.kernel = sampling_schedule(self.model, s)
@@ -105,7 +107,9 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self._prompt_cache: dict[str, Cond] = {}
-        self.evaluator = Evaluator.for_run(cfg, self.model, self.sigmas, self.encode, self.reward_fn, source, self.dist)
+        self.evaluator = Evaluator.for_run(
+            cfg, self.model, self.sigmas, self.encode, self.eval_reward_fn, source, self.dist
+        )
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning for ``prompts`` (each unique prompt encoded once and cached)."""
@@ -212,7 +216,8 @@ class Trainer:
 
     def advantages(self, prompts, group_ids, rewards: dict[str, torch.Tensor]):
         """Step 2's advantages ``[B]`` and reward metrics from the whole batch's reward components."""
-        a, w = self.cfg.algorithm, self.cfg.reward.weights
+        a = self.cfg.algorithm
+        w = getattr(self.reward_fn, "weights", None) or self.cfg.reward.weights  # components: their own weights
         kw = dict(std=a.advantage_std, clip=a.norm_adv_clip, multi_reward=a.multi_reward, tracker=self.tracker)
         try:
             return adv_lib.batch_advantages(rewards, w, prompts, group_ids, **kw)
