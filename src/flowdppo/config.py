@@ -126,6 +126,7 @@ class TrainConfig:
     prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
     log_ref_kl: bool = True  # measure KL to the reference at the anchor every iteration
     trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
+    overlap_reward: bool = True  # score each rollout chunk in a background thread while the next one samples
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
     # fsdp2 = fully_shard (full fine-tuning); deepspeed = ZeRO-2 via accelerate. Ignored in one process.
     sharding: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"

@@ -35,6 +35,7 @@ from flowdppo.core.steps import StepSelection
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
 from flowdppo.rewards import build_eval_reward, build_reward
+from flowdppo.rewards.overlap import ChunkScorer
 from flowdppo.training import checkpoint as ckpt
 from flowdppo.training import update
 from flowdppo.training.distributed import Dist, enable_gradient_checkpointing
@@ -149,31 +150,37 @@ class Trainer:
         self.model.module.eval()
         store = "cpu" if t.trajectories_on_cpu else None
         part = self.dist.share(len(prompts))
-        traj = rollout(
-            self.model,
-            self.kernel,
-            prompts,
-            group_ids,
-            cond,
-            self.sigmas,
-            sde_steps,
-            cfg.sampling.guidance_scale,
-            _gen(t.seed, it, 1),
-            t.rollout_batch_size,
-            store_device=store,
-            part=part,
-            same_initial_noise=cfg.sampling.same_initial_noise,
+        # each chunk's images are scored in a background thread while the next chunk samples
+        scorer = ChunkScorer(
+            self.reward_fn, lambda x: self.model.decode(x.to(self.model.device)), background=t.overlap_reward
         )
-        with torch.no_grad():
-            images = self.model.decode(traj.final.to(self.model.device)).float().cpu()
+        mine = prompts[part]
+        try:
+            traj = rollout(
+                self.model,
+                self.kernel,
+                prompts,
+                group_ids,
+                cond,
+                self.sigmas,
+                sde_steps,
+                cfg.sampling.guidance_scale,
+                _gen(t.seed, it, 1),
+                t.rollout_batch_size,
+                store_device=store,
+                part=part,
+                same_initial_noise=cfg.sampling.same_initial_noise,
+                on_chunk=lambda idx, out: scorer.submit(mine[idx], out["final"]),
+            )
+        except BaseException:
+            scorer.close()
+            raise
         traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
         timing["time/rollout"] = time.perf_counter() - tic
 
-        # 2. rewards (gathered: advantages see the whole batch, identically on every process)
+        # 2. rewards, joined (gathered: advantages see the whole batch, identically on every process)
         tic = time.perf_counter()
-        rewards = {
-            k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()
-        }
+        rewards = {k: self.dist.all_gather_cat(v) for k, v in scorer.join().items()}
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
         return traj, adv, reward_metrics, timing
