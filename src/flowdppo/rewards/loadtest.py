@@ -28,6 +28,23 @@ def zero_reward():
     return lambda prompts, images: {"zero": torch.zeros(len(prompts))}
 
 
+def slow_shapes(delay: float = 0.5, score: bool = True):
+    """The shapes reward plus ``delay`` seconds per call (one call per rollout chunk): a reward that is not
+    free, for measuring ``train.overlap_reward`` (``reward.name: flowdppo.rewards.loadtest:slow_shapes``).
+    ``score=False`` only waits (like a remote scorer; every key 0: no training signal, timing only)."""
+    from flowdppo.rewards import shapes_reward
+
+    inner = shapes_reward()
+
+    def fn(prompts, images):
+        time.sleep(delay)
+        if not score:
+            return {k: torch.zeros(len(prompts)) for k in ("strict", "soft", "quality")}
+        return inner(prompts, images)
+
+    return fn
+
+
 def _hwm_mib(pid: int) -> float | None:
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -57,6 +74,47 @@ def _big_request(port: int, n: int) -> tuple[int, str, float]:
     return resp.status, body, time.perf_counter() - tic
 
 
+def overlap_bench(iterations: int, delay: float, chunk: int, score: bool = True) -> None:
+    """Iteration time of the shapes demo with ``slow_shapes(delay)``, ``train.overlap_reward`` on and off,
+    interleaved iteration by iteration (so machine load affects both alike)."""
+    import tempfile
+
+    from flowdppo.config import load_config
+    from flowdppo.training.trainer import Trainer
+
+    trainers = {}
+    tmp = tempfile.mkdtemp(prefix="overlap-bench-")
+    for on in (True, False):
+        cfg = load_config(
+            overrides=[
+                "reward.name=flowdppo.rewards.loadtest:slow_shapes",
+                f"reward.args={{delay: {delay}, score: {str(score).lower()}}}",
+                f"train.rollout_batch_size={chunk}",
+                f"train.overlap_reward={str(on).lower()}",
+                "log.tensorboard=false",
+            ]
+        )
+        trainers[on] = Trainer(cfg, run_dir=f"{tmp}/overlap-{on}")
+    times: dict[bool, list[dict]] = {True: [], False: []}
+    for it in range(iterations):
+        for on in (True, False):
+            tic = time.perf_counter()
+            m = trainers[on].iteration_step(it)
+            times[on].append(
+                {"iteration": time.perf_counter() - tic, **{k: v for k, v in m.items() if k.startswith("time/")}}
+            )
+    n = trainers[True].cfg.train.prompts_per_iter * trainers[True].cfg.train.group_size
+    what = "shapes reward" if score else "no scoring, wait only"
+    print(
+        f"shapes demo, {n} samples an iteration in chunks of {chunk}: {-(-n // chunk)} reward calls ({what}) +{delay} s"
+    )
+    for on in (True, False):
+        rows = times[on][1:] or times[on]  # the first iteration warms up
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        parts = ", ".join(f"{k[5:]} {v:.2f}" for k, v in mean.items() if k != "iteration")
+        print(f"overlap_reward={on}: iteration {mean['iteration']:.2f} s ({parts}) over {len(rows)} iterations")
+
+
 def main(argv: list[str] | None = None) -> int:
     from flowdppo.rewards.client import HTTPReward
 
@@ -66,7 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--overlap", action="store_true", help="instead: iteration time with train.overlap_reward on/off")
+    p.add_argument("--iterations", type=int, default=4, help="--overlap: iterations of each (the first is warm-up)")
+    p.add_argument("--delay", type=float, default=0.5, help="--overlap: seconds added to each reward call")
+    p.add_argument("--chunk", type=int, default=32, help="--overlap: train.rollout_batch_size")
+    p.add_argument("--wait-only", action="store_true", help="--overlap: the reward only waits (no shapes scoring)")
     args = p.parse_args(argv)
+    if args.overlap:
+        overlap_bench(args.iterations, args.delay, args.chunk, score=not args.wait_only)
+        print(f"load: {open('/proc/loadavg').read().strip() if os.path.exists('/proc/loadavg') else 'n/a'}")
+        return 0
 
     cmd = [sys.executable, "-m", "flowdppo.rewards.server", "--reward", args.reward, "--port", "0"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

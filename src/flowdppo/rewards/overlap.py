@@ -20,7 +20,8 @@ import torch
 class ChunkScorer:
     """``submit(prompts, final_latents)`` per chunk, then ``join()`` -> ``{key: Tensor[B]}`` in submit order.
 
-    ``background=False`` scores each chunk at once on the calling thread (the same results, no overlap).
+    ``background=False`` scores the chunks at ``join()`` on the calling thread, after the rollout (the same
+    calls and results, no overlap: what the trainer did before).
     """
 
     def __init__(
@@ -31,7 +32,7 @@ class ChunkScorer:
     ):
         self.reward_fn, self.decode = reward_fn, decode
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward") if background else None
-        self.parts: list[Future | dict[str, torch.Tensor]] = []
+        self.parts: list[Future | tuple[list[str], torch.Tensor]] = []
         self.wait_s = 0.0  # time join() spent waiting for the scores (the part of the reward not hidden)
 
     def _score(self, prompts: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -42,14 +43,14 @@ class ChunkScorer:
         with torch.no_grad():
             images = self.decode(final_latents).float().cpu()
         if self.pool is None:
-            self.parts.append(self._score(list(prompts), images))
+            self.parts.append((list(prompts), images))
         else:
             self.parts.append(self.pool.submit(self._score, list(prompts), images))
 
     def join(self) -> dict[str, torch.Tensor]:
         tic = time.perf_counter()
         try:
-            results = [p.result() if isinstance(p, Future) else p for p in self.parts]
+            results = [p.result() if isinstance(p, Future) else self._score(*p) for p in self.parts]
         finally:
             self.wait_s = time.perf_counter() - tic
             self.close()
