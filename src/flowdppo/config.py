@@ -100,6 +100,10 @@ class RewardConfig:
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward's factory
     weights: dict[str, float] = field(default_factory=lambda: {"strict": 1.0, "soft": 1.0, "quality": 2.0})
     url: str | None = None  # http reward server
+    # several rewards at once (flowdppo.rewards.multi): [{name, args, weight | weights, label}, ...];
+    # when set, reward.name/args/weights are not used. eval_components: evaluate on these instead.
+    components: list[Any] = field(default_factory=list)
+    eval_components: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +126,7 @@ class TrainConfig:
     prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
     log_ref_kl: bool = True  # measure KL to the reference at the anchor every iteration
     trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
+    overlap_reward: bool = True  # score each rollout chunk in a background thread while the next one samples
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
     # fsdp2 = fully_shard (full fine-tuning); deepspeed = ZeRO-2 via accelerate. Ignored in one process.
     sharding: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
@@ -343,6 +348,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("algorithm.delta and algorithm.beta must be >= 0, algorithm.clip_eps > 0")
     if not cfg.reward.weights:
         raise ConfigError("reward.weights must name at least one reward component")
+    _check_reward_components(cfg)
     if cfg.reward.name == "http" and not (cfg.reward.url or cfg.reward.args.get("url")):
         raise ConfigError("reward.name=http needs reward.url")
     if cfg.model.lora and cfg.model.lora_rank < 1:
@@ -359,6 +365,24 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"steps: {e}") from None
     _warn_ignored(cfg)
     return cfg
+
+
+def _check_reward_components(cfg: Config) -> None:
+    from flowdppo.rewards import REWARDS
+    from flowdppo.rewards.multi import parse_components
+
+    for key in ("components", "eval_components"):
+        try:
+            comps = parse_components(getattr(cfg.reward, key), f"reward.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for i, c in enumerate(comps):
+            try:
+                REWARDS.get(c.name)  # a registered name or an import path that resolves
+            except RegistryError as e:
+                raise ConfigError(f"reward.{key}[{i}].name: {str(e).split(': ', 1)[-1]}") from None
+    if cfg.reward.components and cfg.reward.weights != RewardConfig().weights:
+        log.warning("reward.weights is ignored with reward.components (give each component a weight)")
 
 
 def _registries() -> list[tuple[Registry, str]]:

@@ -49,11 +49,24 @@ def http_reward(url: str | None = None, **kwargs) -> RewardFn:
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward", "reward.name")
 REWARDS.register("shapes", shapes_reward)
 REWARDS.register("http", http_reward)
+# learned and rule-based rewards: lazy entries, imported on first use (heavy dependencies stay optional)
+REWARDS.register("pickscore", "flowdppo.rewards.learned:PickScore")
+REWARDS.register("clipscore", "flowdppo.rewards.learned:CLIPScore")
+REWARDS.register("aesthetic", "flowdppo.rewards.learned:Aesthetic")
+REWARDS.register("hpsv2", "flowdppo.rewards.learned:HPSv2")
+REWARDS.register("ocr", "flowdppo.rewards.ocr:OCRReward")
+REWARDS.register("vqa-judge", "flowdppo.rewards.vqa:VQAJudge")
+REWARDS.register("jpeg", "flowdppo.rewards.jpeg:JPEGCompressibility")
 
 
-def build_reward(cfg) -> RewardFn:
+def build_reward(cfg, cache: dict | None = None) -> RewardFn:
     """Build the reward named by ``cfg.name`` (a :class:`flowdppo.config.RewardConfig`): a registered name or
-    an import path ``package.module:factory``, called with ``cfg.args`` as keyword arguments."""
+    an import path ``package.module:factory``, called with ``cfg.args`` as keyword arguments; or, when
+    ``cfg.components`` is set, all of them (:mod:`flowdppo.rewards.multi`, sharing instances via ``cache``)."""
+    if getattr(cfg, "components", None):
+        from flowdppo.rewards.multi import build_multi
+
+        return build_multi(cfg.components, "reward.components", cache)
     args = dict(cfg.args)
     if cfg.url:
         args.setdefault("url", cfg.url)
@@ -62,3 +75,21 @@ def build_reward(cfg) -> RewardFn:
         return factory(**args)
     except TypeError as e:
         raise RegistryError(f"reward.args do not fit reward {cfg.name!r}: {e}") from None
+
+
+def build_reward_by_name(name: str, args: dict | None = None) -> RewardFn:
+    """A registered reward name or an import path ``package.module:factory``, called with ``args``."""
+    factory = REWARDS.get(name)
+    try:
+        return factory(**(args or {}))
+    except TypeError as e:
+        raise RegistryError(f"reward args do not fit reward {name!r}: {e}") from None
+
+
+def build_eval_reward(cfg, cache: dict | None = None) -> RewardFn | None:
+    """The evaluation reward of ``cfg.eval_components`` (None: evaluate with the training reward)."""
+    if not getattr(cfg, "eval_components", None):
+        return None
+    from flowdppo.rewards.multi import build_multi
+
+    return build_multi(cfg.eval_components, "reward.eval_components", cache)

@@ -11,7 +11,7 @@ Shapes: ``B`` samples, ``S`` SDE steps, latents ``[C, H, W]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +110,7 @@ def rollout(
     store_device: torch.device | str | None = None,
     part: slice | None = None,
     same_initial_noise: bool = False,
+    on_chunk: Callable[[slice, dict[str, torch.Tensor]], None] | None = None,
 ) -> Trajectories:
     """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
     from ``generator`` (CPU) so a run is reproducible whatever the device.
@@ -121,6 +122,9 @@ def rollout(
     ``same_initial_noise`` gives every sample of a group the initial noise of the group's first sample
     (DanceGRPO's ``init_same_noise``): the group then differs only by the SDE noise of the trained steps,
     so the group-relative advantage credits those steps alone. The random stream drawn is the same.
+
+    ``on_chunk(idx, out)`` is called after each chunk (``idx`` indexes this process's share): the trainer
+    hands the chunk's final latents to a background scorer there (:mod:`flowdppo.rewards.overlap`).
     """
     b = len(prompts)
     c, h, w = model.latent_shape
@@ -152,6 +156,8 @@ def rollout(
         if store_device is not None:
             out = {k: v.to(store_device) for k, v in out.items()}
         chunks.append(out)
+        if on_chunk is not None:
+            on_chunk(idx, out)
     cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
     return Trajectories(
         prompts,

@@ -34,7 +34,8 @@ from flowdppo.core.losses import LossSpec
 from flowdppo.core.steps import StepSelection
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
-from flowdppo.rewards import build_reward
+from flowdppo.rewards import build_eval_reward, build_reward
+from flowdppo.rewards.overlap import ChunkScorer
 from flowdppo.training import checkpoint as ckpt
 from flowdppo.training import update
 from flowdppo.training.distributed import Dist, enable_gradient_checkpointing
@@ -86,7 +87,9 @@ class Trainer:
         if model is None:
             model = build_model(dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
         self.model = model
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
+        cache: dict = {}  # components with the same name and args are one instance (training and evaluation)
+        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward, cache)
+        self.eval_reward_fn = build_eval_reward(cfg.reward, cache) or self.reward_fn
         source = prompt_source(cfg, prompts, eval_sets)
         self.train_prompts, self.eval_sets = source.train, source.eval_sets
         self.sigmas, self.kernel = sampling_schedule(self.model, s)
@@ -105,7 +108,9 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self._prompt_cache: dict[str, Cond] = {}
-        self.evaluator = Evaluator.for_run(cfg, self.model, self.sigmas, self.encode, self.reward_fn, source, self.dist)
+        self.evaluator = Evaluator.for_run(
+            cfg, self.model, self.sigmas, self.encode, self.eval_reward_fn, source, self.dist
+        )
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning for ``prompts`` (each unique prompt encoded once and cached)."""
@@ -145,31 +150,37 @@ class Trainer:
         self.model.module.eval()
         store = "cpu" if t.trajectories_on_cpu else None
         part = self.dist.share(len(prompts))
-        traj = rollout(
-            self.model,
-            self.kernel,
-            prompts,
-            group_ids,
-            cond,
-            self.sigmas,
-            sde_steps,
-            cfg.sampling.guidance_scale,
-            _gen(t.seed, it, 1),
-            t.rollout_batch_size,
-            store_device=store,
-            part=part,
-            same_initial_noise=cfg.sampling.same_initial_noise,
+        # each chunk's images are scored in a background thread while the next chunk samples
+        scorer = ChunkScorer(
+            self.reward_fn, lambda x: self.model.decode(x.to(self.model.device)), background=t.overlap_reward
         )
-        with torch.no_grad():
-            images = self.model.decode(traj.final.to(self.model.device)).float().cpu()
+        mine = prompts[part]
+        try:
+            traj = rollout(
+                self.model,
+                self.kernel,
+                prompts,
+                group_ids,
+                cond,
+                self.sigmas,
+                sde_steps,
+                cfg.sampling.guidance_scale,
+                _gen(t.seed, it, 1),
+                t.rollout_batch_size,
+                store_device=store,
+                part=part,
+                same_initial_noise=cfg.sampling.same_initial_noise,
+                on_chunk=lambda idx, out: scorer.submit(mine[idx], out["final"]),
+            )
+        except BaseException:
+            scorer.close()
+            raise
         traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
         timing["time/rollout"] = time.perf_counter() - tic
 
-        # 2. rewards (gathered: advantages see the whole batch, identically on every process)
+        # 2. rewards, joined (gathered: advantages see the whole batch, identically on every process)
         tic = time.perf_counter()
-        rewards = {
-            k: self.dist.all_gather_cat(v.float().cpu()) for k, v in self.reward_fn(prompts[part], images).items()
-        }
+        rewards = {k: self.dist.all_gather_cat(v) for k, v in scorer.join().items()}
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
         return traj, adv, reward_metrics, timing
@@ -212,7 +223,8 @@ class Trainer:
 
     def advantages(self, prompts, group_ids, rewards: dict[str, torch.Tensor]):
         """Step 2's advantages ``[B]`` and reward metrics from the whole batch's reward components."""
-        a, w = self.cfg.algorithm, self.cfg.reward.weights
+        a = self.cfg.algorithm
+        w = getattr(self.reward_fn, "weights", None) or self.cfg.reward.weights  # components: their own weights
         kw = dict(std=a.advantage_std, clip=a.norm_adv_clip, multi_reward=a.multi_reward, tracker=self.tracker)
         try:
             return adv_lib.batch_advantages(rewards, w, prompts, group_ids, **kw)
