@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowdppo.core.sde import gaussian_kl, gaussian_log_prob
+from flowdppo.core.sde import gaussian_kl, gaussian_log_ratio
 
 
 @dataclass
@@ -59,9 +59,8 @@ def ratio_noise_report(
     step_indices = list(range(s)) if step_indices is None else list(step_indices)
     out = []
     for j in range(s):
-        lp_new = gaussian_log_prob(actions[:, j], mean_new[:, j], std[:, j], reduction)
-        lp_old = gaussian_log_prob(actions[:, j], mean_old[:, j], std[:, j], reduction)
-        log_r = (lp_new - lp_old).double()
+        # from the means (exact to fp32 rounding of the inputs), not as a difference of two log-probs
+        log_r = gaussian_log_ratio(actions[:, j], mean_new[:, j], mean_old[:, j], std[:, j], reduction).double()
         kl = gaussian_kl(mean_new[:, j], mean_old[:, j], std[:, j], reduction).double()
         d = float(kl.mean())
         pred_var = 2 * d if reduction == "sum" else 2 * d / n_dims

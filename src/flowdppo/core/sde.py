@@ -9,7 +9,10 @@ owns the three facts the rest of the package needs about it and nowhere else re-
   :func:`ode_step`): ``prev_sample=None`` samples, a given ``prev_sample`` replays (scores the stored
   transition and draws nothing); both paths run the same lines;
 - the transition std (:func:`transition_std`) and the exact KL between two policies of one step
-  (:func:`gaussian_kl`), reduced like the log-prob.
+  (:func:`gaussian_kl`), reduced like the log-prob;
+- the log-ratio of two policies of one step on a stored action (:func:`gaussian_log_ratio`), formed
+  from the two means rather than as a difference of two log-probs (which loses the small difference
+  to the rounding of two large reductions).
 
 Shapes: latents ``x``, ``v``, ``mean``, ``prev_sample`` are ``[B, ...]`` (normally ``[B, C, H, W]``);
 ``sigma`` / ``sigma_next`` are python floats, 0-d tensors or ``[B]`` tensors; ``std``, ``log_prob`` and
@@ -250,6 +253,39 @@ def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor, r
     return reduce_latent(d**2, reduction) / (2 * std.float() ** 2)
 
 
+def gaussian_log_ratio(
+    sample: torch.Tensor,
+    mean_new: torch.Tensor,
+    mean_old: torch.Tensor,
+    std: torch.Tensor,
+    reduction: str = "mean",
+    *,
+    unnormalized: bool = False,
+) -> torch.Tensor:
+    """``log N(x'; mean_new, s^2) - log N(x'; mean_old, s^2)`` from the means, reduced like the log-prob: ``[B]``.
+
+    Equal stds cancel the normalisers, leaving
+    ``((mean_new - mean_old) . ((x' - mean_old) + (x' - mean_new))) / (2 s^2)`` reduced over the latent
+    dims. Each term is formed from differences of nearby values, so the result keeps its relative
+    precision however many dims are reduced; the difference of two reduced log-probs does not (each is
+    an O(n) sum in fp32 whose rounding is of the size of the ratio's own spread at large ``n``). The
+    gradient with respect to ``mean_new`` is the log-prob's, ``(x' - mean_new) / s^2``.
+    ``unnormalized=True`` matches the ``-(x' - mean)^2`` log-prob of ``cps_logprob="unnormalized"``
+    (no division by ``2 s^2``). fp32 whatever the input dtype; ``std`` is ``[B]``.
+    """
+    if not (sample.shape == mean_new.shape == mean_old.shape):
+        raise ValueError(
+            f"sample, mean_new, mean_old must share a shape, got {tuple(sample.shape)}, "
+            f"{tuple(mean_new.shape)}, {tuple(mean_old.shape)}"
+        )
+    if std.shape != sample.shape[:1]:
+        raise ValueError(f"std must be [B]={list(sample.shape[:1])}, got {list(std.shape)}")
+    x, m_new, m_old = sample.float(), mean_new.float(), mean_old.float()
+    elem = (m_new - m_old) * ((x - m_old) + (x - m_new))
+    out = reduce_latent(elem, reduction)
+    return out if unnormalized else out / (2 * std.float() ** 2)
+
+
 def _finish(
     mean: torch.Tensor,
     std: torch.Tensor,
@@ -448,6 +484,16 @@ class Kernel:
         """Exact KL of one step under this kernel's std and reduction, ``[B]``."""
         return gaussian_kl(mean_a, mean_b, std, self.logprob_reduction)
 
+    def log_ratio(
+        self, sample: torch.Tensor, mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor
+    ) -> torch.Tensor:
+        """``logp_new - logp_old`` of the stored action ``sample`` under this kernel's log-prob, from the
+        means (the sampler's ``log_ratio``, by default :func:`gaussian_log_ratio`), ``[B]``. The one place
+        the losses and the analyses get it."""
+        spec = SAMPLERS.get(self.sampler)
+        options = {k: getattr(self, k) for k in spec.options}
+        return spec.log_ratio(sample, mean_new, mean_old, std, self.logprob_reduction, **options)
+
 
 # --------------------------------------------------------------------------------------------
 # The sampler registry
@@ -464,13 +510,17 @@ class Sampler:
       definition: the step, the log-prob and the KL all use it through :func:`transition_std`);
     - ``options``: the :class:`Kernel` fields passed on to ``step`` as keyword arguments
       (e.g. ``("cps_logprob",)``);
-    - ``stochastic=False`` marks a deterministic sampler (``ode``): every step is the Euler step.
+    - ``stochastic=False`` marks a deterministic sampler (``ode``): every step is the Euler step;
+    - ``log_ratio(sample, mean_new, mean_old, std, reduction, **options) -> [B]``: ``logp_new - logp_old``
+      of a stored action formed from the two means; the default, :func:`gaussian_log_ratio`, is right
+      for every step whose log-prob is the Gaussian one of ``_finish``.
     """
 
     step: Callable[..., StepOutput]
     std: Callable[[torch.Tensor, torch.Tensor, float, float | None], torch.Tensor]
     options: tuple[str, ...] = ()
     stochastic: bool = True
+    log_ratio: Callable[..., torch.Tensor] = gaussian_log_ratio
 
 
 def _check_sampler(obj: Any, name: str) -> Sampler:
@@ -485,7 +535,13 @@ def _no_std(s: torch.Tensor, sn: torch.Tensor, eta: float, sigma_max: float | No
 
 SAMPLERS: Registry[Sampler] = Registry("sampler", "sampling.sampler", check=_check_sampler)
 SAMPLERS.register("flow-sde", Sampler(step=flow_sde_step, std=_flow_sde_std))
-SAMPLERS.register("cps", Sampler(step=cps_step, std=_cps_std, options=("cps_logprob",)))
+
+
+def _cps_log_ratio(sample, mean_new, mean_old, std, reduction="mean", cps_logprob="gaussian"):
+    return gaussian_log_ratio(sample, mean_new, mean_old, std, reduction, unnormalized=cps_logprob == "unnormalized")
+
+
+SAMPLERS.register("cps", Sampler(step=cps_step, std=_cps_std, options=("cps_logprob",), log_ratio=_cps_log_ratio))
 SAMPLERS.register("dance", Sampler(step=dance_step, std=_dance_std))
 SAMPLERS.register(
     "ode", Sampler(step=lambda v, x, s, sn, *a, **k: ode_step(v, x, s, sn), std=_no_std, stochastic=False)
