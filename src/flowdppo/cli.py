@@ -8,6 +8,9 @@ flowdppo report runs/<name>  # rebuild a run's report.md and plots
 flowdppo presets             # list the presets and what they set
 flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
 flowdppo reward-server       # serve a reward over HTTP (reward.name=http on the trainer side)
+
+``flowdppo --threads N ...`` fixes the CPU thread count (default: the CPUs available, see
+:mod:`flowdppo.threads`; torch is imported only after the thread settings are chosen).
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="flowdppo", description="Online RL for flow-matching image generators (Flow-DPPO)."
     )
+    p.add_argument(
+        "--threads",
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: FLOWDPPO_THREADS, OMP_NUM_THREADS, else the CPUs available)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with a preset / config (default: Flow-DPPO on the embedded shapes world)")
@@ -104,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         d.set_defaults(func=_delegate(module))
 
     args = p.parse_args(argv)
+    from flowdppo import threads
+
+    try:  # before anything imports torch: OpenMP reads these once, when torch loads
+        threads.configure(args.threads)
+    except ValueError as e:
+        p.error(f"--threads / {threads.ENV_THREADS}: {e}")
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,86 @@
+"""Thread settings chosen by the CLI before torch starts its pools (flowdppo.threads)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowdppo import threads
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_configure_sets_only_what_is_unset():
+    n = threads.available_cpus()
+    env: dict[str, str] = {}
+    assert threads.configure(environ=env) == env
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+
+    env = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    threads.configure(environ=env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    env = {"GOMP_SPINCOUNT": "1000", "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "3"}
+    assert threads.configure(environ=env) == {}  # the user's spin count stands for the wait policy
+    assert env == {"GOMP_SPINCOUNT": "1000", "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "3"}
+
+
+def test_explicit_thread_count_overrides():
+    env = {"OMP_NUM_THREADS": "4", "FLOWDPPO_THREADS": "2"}
+    threads.configure(environ=env)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
+    threads.configure("3", environ=env)  # the flag wins over FLOWDPPO_THREADS
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    env = {"FLOWDPPO_THREADS": "auto"}
+    threads.configure(environ=env)
+    assert env["OMP_NUM_THREADS"] == str(threads.available_cpus())
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ValueError, match="positive integer or 'auto'"):
+            threads.configure(bad, environ={})
+
+
+def _cli_then_torch(args: list[str], env_extra: dict[str, str]) -> dict:
+    """Run the CLI in a fresh interpreter, then import torch there and report what its pools got."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in (*threads.THREAD_VARS, *threads.WAIT_VARS, "FLOWDPPO_THREADS")
+    }
+    env.update(env_extra, PYTHONPATH=SRC)
+    code = (
+        "import json, os, sys\n"
+        "from flowdppo import cli\n"
+        "assert 'torch' not in sys.modules\n"
+        f"rc = cli.main({args!r})\n"
+        "import torch\n"
+        "print(json.dumps({'rc': rc, 'threads': torch.get_num_threads(),"
+        " 'env': {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS')}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cli_sets_thread_environment_before_torch_only_when_unset():
+    n = threads.available_cpus()
+    res = _cli_then_torch(["presets"], {})
+    assert res["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+    assert res["threads"] == n
+    res = _cli_then_torch(["presets"], {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})
+    assert res["env"] == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert res["threads"] == 1
+    res = _cli_then_torch(["--threads", "1", "presets"], {"OMP_NUM_THREADS": "2"})
+    assert res["env"]["OMP_NUM_THREADS"] == "1" and res["threads"] == 1
+
+
+def test_cli_rejects_bad_thread_count():
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run(
+        [sys.executable, "-m", "flowdppo.cli", "--threads", "zero", "presets"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--threads" in out.stderr and "positive integer or 'auto'" in out.stderr
