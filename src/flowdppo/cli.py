@@ -7,6 +7,7 @@ flowdppo sample ...          # images from a base model plus an adapter (flowdpp
 flowdppo report runs/<name>  # rebuild a run's report.md and plots
 flowdppo presets             # list the presets and what they set
 flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
+flowdppo bench speed         # per-phase time, FLOP/s vs peak, Flow-DPPO/Flow-GRPO ratio, memory per process
 flowdppo reward-server       # serve a reward over HTTP (reward.name=http on the trainer side)
 
 ``flowdppo --threads N ...`` fixes the CPU thread count (default: the CPUs available, see
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, module, help_ in [
         ("pretrain", "flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
         ("sample", "flowdppo.tools.sample", "sample images from a model (+ adapter)"),
-        ("bench", "flowdppo.tools.bench", "benchmarks (losses)"),
+        ("bench", "flowdppo.tools.bench", "benchmarks (losses, speed)"),
         ("bench-real", "flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
         ("reward-server", "flowdppo.rewards.http", "serve a reward over HTTP"),
     ]:

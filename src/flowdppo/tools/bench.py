@@ -1,5 +1,8 @@
 """Benchmarks that are run by hand, never by the test suite.
 
+``flowdppo bench speed`` (:mod:`flowdppo.tools.bench_speed`): per-phase iteration time, achieved FLOP/s
+against the measured matmul peak, the Flow-DPPO / Flow-GRPO iteration ratio, memory per process.
+
 ``python -m flowdppo.tools.bench losses`` times the Flow-DPPO loss (exact KL from the step means + mask +
 surrogate, forward and backward) against the PPO-clip loss (surrogate only) on ``[B, S, C, H, W]``
 tensors, default ``[16, 3, 16, 64, 64]`` (SD3.5 latents at 512^2, 3 SDE steps).
@@ -78,8 +81,13 @@ def bench_losses(shape: tuple[int, ...] = (16, 3, 16, 64, 64), repeats: int = 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bench losses ...``; anything else is the evidence bench (:mod:`flowdppo.tools.evidence`)."""
+    """``bench losses ...`` and ``bench speed ...`` here; anything else is the evidence bench
+    (:mod:`flowdppo.tools.evidence`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "speed":  # its own options (flowdppo bench speed --help)
+        from flowdppo.tools import bench_speed
+
+        return bench_speed.main(argv[1:])
     if not argv or argv[0] != "losses":
         from flowdppo.tools.evidence import main as evidence_main
 

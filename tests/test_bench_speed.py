@@ -1,0 +1,85 @@
+"""Smoke test of ``flowdppo bench speed`` at toy sizes: it runs and its figures are consistent."""
+
+import json
+import math
+
+import pytest
+
+from flowdppo.tools import bench_speed
+
+
+def _check_geometry(out: dict) -> None:
+    for preset in bench_speed.PRESETS:
+        s = out[preset]
+        assert s["n"] == 1
+        assert all(s["seconds"][k] > 0 for k in ("iteration", "rollout", "anchor", "train"))
+        # the phases are parts of the iteration
+        assert sum(s["seconds"][k] for k in bench_speed.PHASES) <= s["seconds"]["iteration"] * 1.001
+        assert set(s["flops"]) == {"rollout", "anchor", "train"} and all(v > 0 for v in s["flops"].values())
+        for p, frac in s["fraction_of_peak"].items():
+            assert math.isclose(frac * out["_peak"], s["flops"][p] / s["seconds"][p], rel_tol=1e-9)
+    r = out["dppo_over_grpo"]
+    assert math.isclose(
+        r["ratio_of_medians"], out["flow-dppo"]["seconds"]["iteration"] / out["flow-grpo"]["seconds"]["iteration"]
+    )
+
+
+def test_bench_speed_smoke(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    rc = bench_speed.main(
+        ["--smoke", "--iterations", "1", "--warmup", "0", "--procs", "", "--quiet", "--json", str(path)]
+    )
+    assert rc == 0
+    res = json.loads(path.read_text())
+    assert res["peak_mm_flop_per_s"] > 0 and res["smoke"] is True
+    for geo in ("shapes", "sd3"):
+        _check_geometry(dict(res[geo], _peak=res["peak_mm_flop_per_s"]))
+    # same geometry and steps: Flow-DPPO counts the same model FLOPs as Flow-GRPO
+    assert res["shapes"]["flow-dppo"]["flops"] == res["shapes"]["flow-grpo"]["flops"]
+    text = capsys.readouterr().out
+    assert "Flow-DPPO / Flow-GRPO iteration" in text and "peak fp32 mm" in text
+
+
+def test_phase_flops_count_the_forwards(tmp_path):
+    tr = bench_speed.build_trainer("sd3", "flow-dppo", str(tmp_path / "run"), smoke=True)
+    per = bench_speed.forward_flops(tr)
+    # LoRA backward: input gradients plus the adapters' weight gradients, about one more forward
+    assert per["forward"] > 0 and 1.5 * per["forward"] < per["forward_backward"] < 3.5 * per["forward"]
+    f = bench_speed.phase_flops(tr, per)
+    b, n, s = 4, 4, 2  # smoke: 2 x 2 samples, 4 steps, 2 SDE steps
+    assert f["rollout"] == b * n * per["forward"]
+    assert f["anchor"] == b * s * 2 * per["forward"]  # + the reference forward of log_ref_kl
+    assert f["train"] == b * s * per["forward_backward"]
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    import torch
+
+    a = torch.zeros(10, 4)
+    assert bench_speed.tensor_bytes({"a": a, "view": a[2:], "b": [torch.zeros(3, dtype=torch.float64)]}) == 160 + 24
+
+
+@pytest.mark.slow
+def test_bench_speed_memory_and_busy(tmp_path):
+    path = tmp_path / "speed.json"
+    rc = bench_speed.main(
+        [
+            "--smoke",
+            "--models",
+            "shapes",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--busy",
+            "--quiet",
+            "--json",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(path.read_text())
+    mem = res["memory"]["per_world"]
+    assert [r["world"] for r in mem["1"]] == [1] and sorted(r["rank"] for r in mem["2"]) == [0, 1]
+    assert all(r["bytes"]["trajectories"] > 0 and r["bytes"]["anchor"] > 0 for reps in mem.values() for r in reps)
+    assert res["shapes"]["busy"]["over_quiet"] > 0
