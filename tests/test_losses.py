@@ -197,3 +197,59 @@ def test_shape_checks():
         losses.flow_dppo_loss(
             LossInputs(logp_new=torch.zeros(2, 1), logp_old=torch.zeros(2, 1), adv=torch.zeros(2)), DELTA
         )
+
+
+def _all_inputs(n=6, s=3, seed=0, exact=None):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(n, s, 2, 4, 4, generator=g)
+    return LossInputs(
+        logp_new=torch.randn(n, s, generator=g),
+        logp_old=torch.randn(n, s, generator=g),
+        adv=torch.randn(n, generator=g),
+        kl=torch.rand(n, s, generator=g) * 2 * DELTA,
+        mean_new=means + 0.01 * torch.randn(n, s, 2, 4, 4, generator=g),
+        mean_old=means,
+        std=torch.full((n, s), 0.5),
+        dt=torch.full((n, s), 0.05),
+        kl_ref=torch.rand(n, s, generator=g),
+        exact_log_ratio=exact,
+    )
+
+
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_every_loss_reads_the_exact_log_ratio(name):
+    """Given ``exact_log_ratio``, a loss equals the loss of ``logp_new = exact, logp_old = 0``, gradient included."""
+    g = torch.Generator().manual_seed(3)
+    exact = (0.2 * torch.randn(6, 3, generator=g)).requires_grad_(True)
+    with_exact = _all_inputs(exact=exact)
+    plain = _all_inputs()
+    lp = exact.detach().clone().requires_grad_(True)
+    plain.logp_new, plain.logp_old = lp, torch.zeros(6, 3)
+    spec = LossSpec(name=name, beta=0.01)
+    loss_a, m_a = policy_loss(with_exact, spec)
+    loss_b, m_b = policy_loss(plain, spec)
+    assert torch.allclose(loss_a, loss_b)
+    assert m_a == pytest.approx(m_b)
+    loss_a.sum().backward()
+    loss_b.sum().backward()
+    assert torch.allclose(exact.grad, lp.grad)
+    with pytest.raises(ValueError, match="exact_log_ratio"):
+        _all_inputs(exact=torch.zeros(6))
+
+
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_tensor_metrics_need_no_host_sync(name, monkeypatch):
+    """``tensor_metrics=True``: no ``.item()``/``float()``/``.tolist()`` anywhere in the loss; the float
+    metrics are the same values, converted in one transfer."""
+    floats = policy_loss(_all_inputs(), LossSpec(name=name))[1]
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync inside the loss")
+
+    with monkeypatch.context() as mp:
+        for attr in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            mp.setattr(torch.Tensor, attr, no_sync)
+        _, tensors = policy_loss(_all_inputs(), LossSpec(name=name), tensor_metrics=True)
+    assert set(tensors) == set(floats)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in tensors.values())
+    assert losses.metrics_to_floats(tensors) == floats

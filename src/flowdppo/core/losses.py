@@ -1,11 +1,18 @@
 """Trust regions as pure functions (docs/flow-dppo.md, section "Losses").
 
 Every loss takes per-(sample, step) tensors ``[B, S]`` and returns ``(loss [B, S], metrics)`` where
-``metrics`` is a dict of detached python floats. The training objective is the plain mean of the
-per-element loss over every entry, masked ones included (:func:`reduce_loss`).
+``metrics`` is a dict of detached 0-d tensors on the loss's device: computing them never waits for the
+device. :func:`policy_loss` turns them into python floats in one transfer (:func:`metrics_to_floats`),
+or hands the tensors on with ``tensor_metrics=True`` so that a caller can reduce the metrics of a whole
+optimizer step and transfer them once. The training objective is the plain mean of the per-element
+loss over every entry, masked ones included (:func:`reduce_loss`).
 
 Inputs (:class:`LossInputs`):
 - ``logp_new``, ``logp_old``: ``[B, S]`` log-probs of the stored actions (reduced like the kernel);
+- ``exact_log_ratio``: ``[B, S]`` ``logp_new - logp_old`` formed from the two means
+  (:meth:`flowdppo.core.sde.Kernel.log_ratio`, with gradient through ``mean_new``). When given, every
+  loss reads the ratio from it: the difference of two reduced fp32 log-probs loses the small ratio to
+  rounding at large latent sizes;
 - ``adv``: ``[B]`` advantages, shared by the steps of a sample;
 - ``kl``: ``[B, S]`` exact old/new KL of each step (:func:`flowdppo.core.sde.gaussian_kl`), detached;
 - ``mean_new``, ``mean_old``: ``[B, S, ...]`` step means (GRPO-Guard only);
@@ -38,12 +45,13 @@ class LossInputs:
     std: torch.Tensor | None = None
     dt: torch.Tensor | None = None
     kl_ref: torch.Tensor | None = None
+    exact_log_ratio: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logp_new.dim() != 2:
             raise ValueError(f"logp_new must be [B, S], got {list(self.logp_new.shape)}")
         bs = self.logp_new.shape
-        for name in ("logp_old", "kl", "std", "dt", "kl_ref"):
+        for name in ("logp_old", "kl", "std", "dt", "kl_ref", "exact_log_ratio"):
             t = getattr(self, name)
             if t is not None and t.shape != bs:
                 raise ValueError(f"{name} must be [B, S]={list(bs)}, got {list(t.shape)}")
@@ -56,6 +64,9 @@ class LossInputs:
 
     @property
     def log_ratio(self) -> torch.Tensor:
+        """``log r`` with gradient: ``exact_log_ratio`` when given, else ``logp_new - logp_old``."""
+        if self.exact_log_ratio is not None:
+            return self.exact_log_ratio
         return self.logp_new - self.logp_old.detach()
 
     def adv_bs(self, clip: float | None = None) -> torch.Tensor:
@@ -66,15 +77,30 @@ class LossInputs:
         return a[:, None].expand_as(self.logp_new)
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.detach().float().item()) if x.numel() else float("nan")
+Metrics = dict[str, torch.Tensor]
 
 
-def _frac(mask: torch.Tensor) -> float:
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """A metric: detached fp32 0-d tensor, no host sync (NaN for an empty reduction)."""
+    x = x.detach().float()
+    return x if x.numel() else torch.full((), float("nan"), device=x.device)
+
+
+def _frac(mask: torch.Tensor) -> torch.Tensor:
     return _f(mask.float().mean())
 
 
-def ratio_metrics(ratio: torch.Tensor, kl: torch.Tensor | None, delta: float | None = None) -> dict[str, float]:
+def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Python floats from tensor (or float) metrics, with one device-to-host transfer for all of them."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, stacked))
+    return {k: out[k] for k in metrics}
+
+
+def ratio_metrics(ratio: torch.Tensor, kl: torch.Tensor | None, delta: float | None = None) -> Metrics:
     """Ratio mean/std/min/max and D mean/max (+ fraction with ``D > delta``)."""
     r = ratio.detach().float()
     m = {
@@ -103,7 +129,7 @@ def _masked_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, masked: torch.
     return torch.where(masked, torch.zeros_like(log_ratio), -adv * torch.exp(safe))
 
 
-def flow_dppo_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, dict[str, float]]:
+def flow_dppo_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, Metrics]:
     """Flow-DPPO: ``-M * A * r`` with ``M = 0`` iff ``D > delta`` and the step moves away in A's direction.
 
     Corrective moves (``A > 0, r < 1`` or ``A < 0, r > 1``) are never masked; neither are ``A = 0`` or
@@ -125,7 +151,7 @@ def flow_dppo_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, dict[st
     return loss, m
 
 
-def dppo_symmetric_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, dict[str, float]]:
+def dppo_symmetric_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, Metrics]:
     """Ablation: mask every entry with ``D > delta`` whatever its direction ("w/o asymmetry")."""
     if inp.kl is None:
         raise ValueError("dppo-symmetric needs the old/new KL (LossInputs.kl)")
@@ -141,7 +167,7 @@ def dppo_symmetric_loss(inp: LossInputs, delta: float) -> tuple[torch.Tensor, di
     return loss, m
 
 
-def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, dict[str, float]]:
+def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, Metrics]:
     """``-min(r A, clip(r, 1-eps, 1+eps) A)`` elementwise, with clip fractions by side."""
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
@@ -159,7 +185,7 @@ def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch
     }
 
 
-def ppo_clip_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_clip_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -> tuple[torch.Tensor, Metrics]:
     """Flow-GRPO / Flow-CPS: PPO clip on the step ratio, advantages clipped to ``+-adv_clip``."""
     ratio = torch.exp(inp.log_ratio)
     loss, m = _ppo_clip(ratio, inp.adv_bs(adv_clip), eps)
@@ -179,7 +205,7 @@ def guard_bias(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor
     return per / (2 * std.float() ** 2)
 
 
-def grpo_guard_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_guard_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -> tuple[torch.Tensor, Metrics]:
     """GRPO-Guard: PPO clip on ``r~ = exp((log r + b) * s)``, then the per-step loss divided by ``-dt``.
 
     ``s`` is the transition std of the step (the public code collapses it to one scalar per batch;
@@ -202,14 +228,14 @@ def grpo_guard_loss(inp: LossInputs, eps: float, adv_clip: float | None = 5.0) -
     return loss, m
 
 
-def unclipped_loss(inp: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+def unclipped_loss(inp: LossInputs) -> tuple[torch.Tensor, Metrics]:
     """Ablation: plain ``-A r`` (no trust region)."""
     ratio = torch.exp(inp.log_ratio)
     m = ratio_metrics(ratio, inp.kl)
     return -inp.adv_bs() * ratio, m
 
 
-LossFn = Callable[[LossInputs, "LossSpec"], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[LossInputs, "LossSpec"], tuple[torch.Tensor, Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -288,9 +314,16 @@ class LossSpec:
         return self.beta > 0 or self.trust_region.needs_reference
 
 
-def policy_loss(inp: LossInputs, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
-    """The chosen trust-region loss plus ``beta * KL_ref``: per-element ``[B, S]`` and metrics."""
+def policy_loss(
+    inp: LossInputs, spec: LossSpec, *, tensor_metrics: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The chosen trust-region loss plus ``beta * KL_ref``: per-element ``[B, S]`` and metrics.
+
+    Metrics are python floats (one transfer for all), or detached 0-d tensors with ``tensor_metrics=True``
+    (no host sync: the training step's call).
+    """
     loss, m = spec.trust_region.fn(inp, spec)
+    m = dict(m)
     assert loss.shape == inp.logp_new.shape, (loss.shape, inp.logp_new.shape)
     m["policy_loss"] = _f(loss.mean())
     if inp.kl_ref is not None:
@@ -299,7 +332,7 @@ def policy_loss(inp: LossInputs, spec: LossSpec) -> tuple[torch.Tensor, dict[str
             loss = loss + spec.beta * inp.kl_ref
     elif spec.beta > 0:
         raise ValueError("beta > 0 needs the reference KL (LossInputs.kl_ref)")
-    return loss, m
+    return loss, (m if tensor_metrics else metrics_to_floats(m))
 
 
 def reduce_loss(loss: torch.Tensor, n_entries: int | None = None) -> torch.Tensor:
