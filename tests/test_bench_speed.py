@@ -81,5 +81,5 @@ def test_bench_speed_memory_and_busy(tmp_path):
     res = json.loads(path.read_text())
     mem = res["memory"]["per_world"]
     assert [r["world"] for r in mem["1"]] == [1] and sorted(r["rank"] for r in mem["2"]) == [0, 1]
-    assert all(r["bytes"]["trajectories"] > 0 and r["bytes"]["anchor"] > 0 for reps in mem.values() for r in reps)
+    assert all(r["bytes"]["trajectories"] > 0 and "anchor" in r["bytes"] for reps in mem.values() for r in reps)
     assert res["shapes"]["busy"]["over_quiet"] > 0

@@ -332,14 +332,17 @@ def memory_worker(out: str, geometry: str, smoke: bool, sd3_path: str | None) ->
         tr = build_trainer(geometry, "flow-dppo", str(Path(tmp) / "run"), smoke=smoke, sd3_path=sd3_path)
         collect, anchor = tr.collect, tr.anchor
 
+        seen: set = set()
+
         def counted_collect(*a, **k):
             res = collect(*a, **k)
-            held["trajectories"] = tensor_bytes(res[0])
+            held["trajectories"] = tensor_bytes(res[0], seen)
             return res
 
         def counted_anchor(*a, **k):
             res = anchor(*a, **k)
-            held["anchor"] = tensor_bytes({k: v for k, v in res.items() if k != "metrics"})
+            # only what the anchor adds: a reused rollout tensor is counted once, with the trajectories
+            held["anchor"] = tensor_bytes({k: v for k, v in res.items() if k != "metrics"}, seen)
             return res
 
         tr.collect, tr.anchor = counted_collect, counted_anchor
