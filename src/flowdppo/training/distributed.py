@@ -398,8 +398,9 @@ class Dist:
         self._engine.backward(loss * self.world, scale_wrt_gas=False)
         self._engine.step()  # only the last of the accumulation steps updates
 
-    def step(self, optimizer, params: Sequence[nn.Parameter], grad_clip: float) -> float:
-        """Sum the gradients over processes, clip their global norm, step; returns the norm before clipping."""
+    def step(self, optimizer, params: Sequence[nn.Parameter], grad_clip: float) -> float | torch.Tensor:
+        """Sum the gradients over processes, clip their global norm, step; returns the norm before clipping
+        (a 0-d tensor where it is one, so that reading it does not wait for the device)."""
         if self._engine is not None:
             norm = self._engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
@@ -409,7 +410,7 @@ class Dist:
         if _is_dtensor(norm):
             norm = norm.full_tensor()
         optimizer.step()
-        return float(norm)
+        return norm.detach()
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -5,7 +5,8 @@ call that sampled them, so sampling and training share every formula. :func:`anc
 gradients in the micro-batches of the first epoch, so the first mini-batch starts at ratio 1 and KL 0.
 :func:`minibatch_step` back-propagates each step's loss (summed entries / the whole mini-batch's
 entry count, so the update is the same on 1 or N processes) as soon as it is computed, steps the
-optimizer once, and returns the metrics of the whole mini-batch from the same pure loss function.
+optimizer once, and returns the metrics of the whole mini-batch from the same pure loss function
+(with one gather and one transfer). The losses read the log-ratio formed from the two means.
 See docs/flow-dppo.md, sections "Losses" and "One iteration".
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from flowdppo.config import Config
-from flowdppo.core.losses import LossInputs, LossSpec, policy_loss, reduce_loss
+from flowdppo.core.losses import LossInputs, LossSpec, metrics_to_floats, policy_loss, reduce_loss
 from flowdppo.core.sde import Kernel
 from flowdppo.core.steps import StepSelection
 from flowdppo.models.base import FlowModel
@@ -100,20 +101,28 @@ def minibatch_step(
     adv: torch.Tensor,
     anchor: dict,
 ) -> dict[str, float]:
-    """One optimizer step on samples ``mb``; returns the loss metrics of the whole mini-batch."""
+    """One optimizer step on samples ``mb``; returns the loss metrics of the whole mini-batch.
+
+    The losses read the log-ratio formed from the two means (:meth:`Kernel.log_ratio`). Nothing inside
+    the step waits for the device: the per-entry values stay where they were computed, and after the
+    optimizer step one all-gather collects every process's ``[b, S]`` columns, the metrics are computed
+    from them by the same pure loss function, and one transfer brings them to the host.
+    """
     t, g = cfg.train, cfg.sampling.guidance_scale
     s = len(traj.sde_steps)
     n_entries = len(mb) * s  # the whole mini-batch's, over all processes: the step does not depend on their number
     dist.zero_grad(optimizer)
-    rec: dict[str, list[torch.Tensor]] = {"logp_new": [], "kl": [], "kl_ref": [], "mean_new": [], "idx": []}
+    cols = ("logp_new", "kl", "log_ratio") + (("kl_ref",) if spec.needs_reference else ())
+    rec: dict[str, list[torch.Tensor]] = {k: [] for k in (*cols, "mean_new")}
     dev = model.device
     for micro in dist.split(mb).split(t.micro_batch_size):
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp_new", "kl", "kl_ref", "mean_new")}
+        per_step: dict[str, list[torch.Tensor]] = {k: [] for k in rec}
         for j in range(s):
             out = replay_step(model, kernel, traj, micro, j, g)
             mean_old = anchor["means"][micro, j].to(dev)
             std = anchor["std"][micro, j].to(dev)
             kl = kernel.kl(out.mean.detach(), mean_old, std)
+            log_ratio = kernel.log_ratio(traj.next_latents[micro, j].to(dev), out.mean, mean_old, std)
             kl_ref = None
             if spec.needs_reference:
                 with torch.no_grad(), model.disable_adapter():
@@ -130,35 +139,40 @@ def minibatch_step(
                 std=std[:, None],
                 dt=step_sigma.to(dev).expand(len(micro), 1).float(),
                 kl_ref=kl_ref,
+                exact_log_ratio=log_ratio[:, None],
             )
-            loss, _ = policy_loss(inp, spec)
+            loss, _ = policy_loss(inp, spec, tensor_metrics=True)  # metrics come once, after the step
             dist.backward(reduce_loss(loss, n_entries))
-            cols["logp_new"].append(out.log_prob.detach().cpu())
-            cols["kl"].append(kl.detach().cpu())
+            per_step["logp_new"].append(out.log_prob.detach())
+            per_step["kl"].append(kl.detach())
+            per_step["log_ratio"].append(log_ratio.detach())
             if kl_ref is not None:
-                cols["kl_ref"].append(kl_ref[:, 0].detach().cpu())
+                per_step["kl_ref"].append(kl_ref[:, 0].detach())
             if spec.needs_means:
-                cols["mean_new"].append(out.mean.detach().cpu())
-        for k, v in cols.items():
+                per_step["mean_new"].append(out.mean.detach())
+        for k, v in per_step.items():
             if v:
                 rec[k].append(torch.stack(v, 1))
-        rec["idx"].append(micro)
     grad_norm = dist.step(optimizer, params, t.grad_clip)  # gradients summed over processes
-    # metrics of the whole mini-batch (every process's entries) from the same pure loss function
-    idx = dist.all_gather_cat(torch.cat(rec["idx"]))
-    cat = {k: dist.all_gather_cat(torch.cat(v, 0)) for k, v in rec.items() if v and k != "idx"}
+    # metrics of the whole mini-batch: one all-gather of this process's [b, S, k] columns (its share of
+    # mb, contiguous, so the rank-ordered gather lists the samples of mb in order), one transfer
+    local = torch.stack([torch.cat(rec[k], 0).float() for k in cols], -1)
+    whole = dist.all_gather_cat(local).cpu()
+    cat = {k: whole[..., i] for i, k in enumerate(cols)}
+    mean_new = dist.all_gather_cat(torch.cat(rec["mean_new"], 0)).cpu() if spec.needs_means else None
     inp = LossInputs(
         logp_new=cat["logp_new"],
-        logp_old=anchor["logp"][idx],
-        adv=adv[idx],
+        logp_old=anchor["logp"][mb],
+        adv=adv[mb],
         kl=cat["kl"],
-        mean_new=cat.get("mean_new"),
-        mean_old=anchor["means"][idx].cpu() if "mean_new" in cat else None,
-        std=anchor["std"][idx],
-        dt=torch.stack([traj.sigmas[k] - traj.sigmas[k + 1] for k in traj.sde_steps]).float().expand(len(idx), s),
+        mean_new=mean_new,
+        mean_old=anchor["means"][mb].cpu() if spec.needs_means else None,
+        std=anchor["std"][mb],
+        dt=torch.stack([traj.sigmas[k] - traj.sigmas[k + 1] for k in traj.sde_steps]).float().expand(len(mb), s),
         kl_ref=cat.get("kl_ref"),
+        exact_log_ratio=cat["log_ratio"],
     )
     with torch.no_grad():
-        _, m = policy_loss(inp, spec)
-    m["grad_norm"] = float(grad_norm)
-    return m
+        _, m = policy_loss(inp, spec, tensor_metrics=True)
+    m["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32)
+    return metrics_to_floats(m)
