@@ -40,15 +40,20 @@ def test_bench_speed_smoke(tmp_path, capsys):
     assert "Flow-DPPO / Flow-GRPO iteration" in text and "peak fp32 mm" in text
 
 
-def test_phase_flops_count_the_forwards(tmp_path):
-    tr = bench_speed.build_trainer("sd3", "flow-dppo", str(tmp_path / "run"), smoke=True)
+@pytest.mark.parametrize("anchor", ["replay", "auto"])
+def test_phase_flops_count_the_forwards(tmp_path, anchor):
+    extra = [f"train.anchor={anchor}", "train.ref_kl_samples=0"]
+    tr = bench_speed.build_trainer("sd3", "flow-dppo", str(tmp_path / "run"), smoke=True, extra=extra)
     per = bench_speed.forward_flops(tr)
     # LoRA backward: input gradients plus the adapters' weight gradients, about one more forward
     assert per["forward"] > 0 and 1.5 * per["forward"] < per["forward_backward"] < 3.5 * per["forward"]
     f = bench_speed.phase_flops(tr, per)
     b, n, s = 4, 4, 2  # smoke: 2 x 2 samples, 4 steps, 2 SDE steps
     assert f["rollout"] == b * n * per["forward"]
-    assert f["anchor"] == b * s * 2 * per["forward"]  # + the reference forward of log_ref_kl
+    # a replay of every trained step, or the reused anchor's spot check (4 samples, one step); + the reference
+    anchor_forwards = b * s if anchor == "replay" else 4
+    assert tr.reuse_anchor == (anchor == "auto")
+    assert f["anchor"] == (anchor_forwards + b * s) * per["forward"]
     assert f["train"] == b * s * per["forward_backward"]
 
 

@@ -124,7 +124,15 @@ class TrainConfig:
     world: str | None = "shapes"  # prompt source: a world's name or package.module:object (flowdppo.worlds.world)
     prompt_split: str = "train"  # the world's set to train on
     prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
-    log_ref_kl: bool = True  # measure KL to the reference at the anchor every iteration
+    log_ref_kl: bool = True  # measure the KL to the reference policy (a diagnostic at beta = 0)
+    ref_kl_every: int = 1  # iterations between reference-KL measurements at beta = 0 (beta > 0: every step)
+    ref_kl_samples: int = 32  # samples of the batch the beta = 0 measurement uses (0 = all)
+    # the frozen old policy of each iteration: "replay" re-runs the trained steps without gradient at the
+    # current weights (in the first epoch's micro-batches); "rollout" reuses the rollout's own log-probs and
+    # means (free; exact when rollout and training forwards are the same computation); "auto" reuses them
+    # for fp32 models when a spot check of anchor_check_samples samples agrees, and replays otherwise
+    anchor: Literal["replay", "rollout", "auto"] = "auto"
+    anchor_check_samples: int = 4  # samples replayed each iteration to check a reused anchor (0 = no check)
     trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
     overlap_reward: bool = True  # score each rollout chunk in a background thread while the next one samples
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
@@ -320,6 +328,14 @@ def validate(cfg: Config) -> Config:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be >= 1, got {v}")
+    non_negative = {
+        "train.ref_kl_every": t.ref_kl_every,
+        "train.ref_kl_samples": t.ref_kl_samples,
+        "train.anchor_check_samples": t.anchor_check_samples,
+    }
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{k} must be >= 0, got {v}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if s.eta < 0:
@@ -440,6 +456,15 @@ def _warn_ignored(cfg: Config) -> list[str]:
         )
     if s.cps_logprob != defaults_s.cps_logprob and "cps_logprob" not in SAMPLERS.get(s.sampler).options:
         warnings.append(f"sampling.cps_logprob={s.cps_logprob} is ignored by sampling.sampler={s.sampler}")
+    t, defaults_t = cfg.train, TrainConfig()
+    if t.anchor == "replay" and t.anchor_check_samples != defaults_t.anchor_check_samples:
+        warnings.append("train.anchor_check_samples is ignored with train.anchor=replay (nothing is reused)")
+    if a.beta > 0:
+        for knob in ("ref_kl_every", "ref_kl_samples"):
+            if getattr(t, knob) != getattr(defaults_t, knob):
+                warnings.append(
+                    f"train.{knob} is ignored with algorithm.beta > 0 (training computes the reference KL every step)"
+                )
     if cfg.reward.url and cfg.reward.name != "http":
         warnings.append(f"reward.url is ignored by reward.name={cfg.reward.name} (only the http reward reads it)")
     for w in warnings:

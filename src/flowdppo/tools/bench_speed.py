@@ -5,7 +5,8 @@ Run by hand, never by the test suite (a smoke test runs it at toy sizes). What i
 
 - **peak**: dense fp32 ``torch.mm`` FLOP/s of this machine with this process's threads (median of
   repeats of an ``n x n`` product; ``2 n^3`` FLOPs each);
-- **phases**, per geometry and preset (``flow-dppo`` and ``flow-grpo``, iterations interleaved so that
+- **phases**, per geometry and preset (the trainer's defaults, so ``train.anchor=auto``; ``--set
+  train.anchor=replay`` measures the replayed anchor) (``flow-dppo`` and ``flow-grpo``, iterations interleaved so that
   a change of machine load hits both alike): the median seconds of the whole iteration and of its
   rollout, reward, anchor and training phases, from the trainer's own ``time/*`` metrics;
 - **FLOP/s**: each phase's model FLOPs (one forward and one forward+backward counted with
@@ -215,18 +216,22 @@ def forward_flops(trainer) -> dict[str, float]:
 
 
 def phase_flops(trainer, per_sample: dict[str, float]) -> dict[str, float]:
-    """FLOPs of each phase of one iteration: forwards made x FLOPs per forward."""
+    """FLOPs of each phase of one iteration: forwards made x FLOPs per forward (the anchor: a replay of
+    every trained step, or a reused anchor's spot check; plus the reference-KL forwards at beta = 0)."""
     cfg, t = trainer.cfg, trainer.cfg.train
     b = t.prompts_per_iter * t.group_size
     n = cfg.sampling.num_steps
     s = len(trainer.step_sel.select(n, t.seed, 0))
     fwd, fb = per_sample["forward"], per_sample["forward_backward"]
-    ref = 1 if t.log_ref_kl else 0
-    beta = 1 if cfg.algorithm.beta > 0 else 0
+    reuse = getattr(trainer, "reuse_anchor", False)
+    anchor_fwd = min(t.anchor_check_samples, b) if reuse else b * s
+    if t.log_ref_kl and not trainer.loss_spec.needs_reference and t.ref_kl_every:
+        anchor_fwd += min(t.ref_kl_samples or b, b) * s / t.ref_kl_every  # per iteration, on average
+    ref = 1 if trainer.loss_spec.needs_reference else 0
     return {
         "rollout": b * n * fwd,
-        "anchor": b * s * (1 + ref) * fwd,
-        "train": t.inner_epochs * b * s * (fb + beta * fwd),
+        "anchor": anchor_fwd * fwd,
+        "train": t.inner_epochs * b * s * (fb + ref * fwd),
     }
 
 
@@ -293,7 +298,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def memory_run(world: int, geometry: str, smoke: bool, sd3_path: str | None, out_dir: Path) -> list[dict]:
+def memory_run(
+    world: int, geometry: str, smoke: bool, sd3_path: str | None, out_dir: Path, extra: Sequence[str] = ()
+) -> list[dict]:
     """One Flow-DPPO iteration in ``world`` gloo processes; each process's report."""
     port = _free_port()
     procs = []
@@ -316,6 +323,7 @@ def memory_run(world: int, geometry: str, smoke: bool, sd3_path: str | None, out
         cmd = [sys.executable, "-m", "flowdppo.tools.bench_speed", "--memory-worker", str(out), "--models", geometry]
         cmd += ["--smoke"] if smoke else []
         cmd += ["--sd3-path", sd3_path] if sd3_path else []
+        cmd += [a for kv in extra for a in ("--set", kv)]
         procs.append((subprocess.Popen(cmd, env=env), out))
     reports = []
     for p, out in procs:
@@ -325,11 +333,11 @@ def memory_run(world: int, geometry: str, smoke: bool, sd3_path: str | None, out
     return reports
 
 
-def memory_worker(out: str, geometry: str, smoke: bool, sd3_path: str | None) -> None:
+def memory_worker(out: str, geometry: str, smoke: bool, sd3_path: str | None, extra: Sequence[str] = ()) -> None:
     """Inside one of the processes of :func:`memory_run`."""
     held: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build_trainer(geometry, "flow-dppo", str(Path(tmp) / "run"), smoke=smoke, sd3_path=sd3_path)
+        tr = build_trainer(geometry, "flow-dppo", str(Path(tmp) / "run"), smoke=smoke, sd3_path=sd3_path, extra=extra)
         collect, anchor = tr.collect, tr.anchor
 
         seen: set = set()
@@ -364,6 +372,15 @@ def memory_worker(out: str, geometry: str, smoke: bool, sd3_path: str | None) ->
 # ---------------------------------------------------------------------------- the command
 
 
+def _checkpoint(res: dict, args: argparse.Namespace) -> None:
+    """Keep what is measured so far (``--json``) and show it: a later failure loses nothing."""
+    res["loadavg_after"] = list(os.getloadavg())
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    if not args.quiet:
+        print(format_summary(res), file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -382,13 +399,16 @@ def run(args: argparse.Namespace) -> dict:
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "loadavg_before": list(os.getloadavg()),
         "smoke": args.smoke,
+        "overrides": list(args.set),
     }
     peak = mm_peak(128 if args.smoke else args.mm_size, 3 if args.smoke else 10)
     res["peak_mm_flop_per_s"] = peak
     with tempfile.TemporaryDirectory() as tmp:
         for geo in geometries:
             trainers = {
-                p: build_trainer(geo, p, str(Path(tmp) / f"{geo}-{p}"), smoke=args.smoke, sd3_path=args.sd3_path)
+                p: build_trainer(
+                    geo, p, str(Path(tmp) / f"{geo}-{p}"), smoke=args.smoke, sd3_path=args.sd3_path, extra=args.set
+                )
                 for p in PRESETS
             }
             rows = time_iterations(trainers, args.iterations, args.warmup, progress=not args.quiet)
@@ -413,9 +433,10 @@ def run(args: argparse.Namespace) -> dict:
                 }
             res[geo] = out
             del trainers
+            _checkpoint(res, args)
         if procs:
             geo = geometries[0] if geometries else "shapes"
-            mem = {str(w): memory_run(w, geo, args.smoke, args.sd3_path, Path(tmp)) for w in procs}
+            mem = {str(w): memory_run(w, geo, args.smoke, args.sd3_path, Path(tmp), args.set) for w in procs}
             res["memory"] = {"geometry": geo, "per_world": mem}
             if "1" in mem:
                 base = mem["1"][0]["bytes"]
@@ -481,6 +502,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--busy", action="store_true", help="also time the shapes geometry beside a 2-thread matmul loop")
     p.add_argument("--mm-size", type=int, default=1024, help="matrix side of the peak measurement")
     p.add_argument("--smoke", action="store_true", help="toy sizes (seconds): checks the command, measures nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every trainer")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -492,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations < 1 or args.warmup < 0:
         raise SystemExit("flowdppo bench speed: --iterations must be >= 1 and --warmup >= 0")
     if args.memory_worker:
-        memory_worker(args.memory_worker, args.models.split(",")[0], args.smoke, args.sd3_path)
+        memory_worker(args.memory_worker, args.models.split(",")[0], args.smoke, args.sd3_path, args.set)
         return 0
     res = run(args)
     print(format_summary(res))

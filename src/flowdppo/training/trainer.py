@@ -2,7 +2,8 @@
 
 1. pick the SDE steps and the prompts, roll out ``G`` samples each (:meth:`Trainer.collect`);
 2. score them and compute advantages;
-3. freeze the anchor: a no-grad replay at the current weights in the first epoch's micro-batches;
+3. freeze the anchor: the rollout's own log-probs and means when they are exact (``train.anchor``), else
+   a no-grad replay at the current weights in the first epoch's micro-batches;
 4. ``inner_epochs`` passes over the batch in mini-batches, one optimizer step each (:mod:`.update`);
 5. log (:mod:`.runlog`), evaluate (:mod:`.evaluation`), checkpoint (:mod:`.checkpoint`).
 
@@ -101,6 +102,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.params, self.optimizer = update.prepare_optimizer(self.model, self.dist, cfg)
+        self.reuse_anchor = update.reuse_anchor(cfg, self.model)  # train.anchor; auto may fall back to replay
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
         self.iteration = 0  # completed iterations
         self.history: list[dict[str, Any]] = []
@@ -191,10 +193,13 @@ class Trainer:
         traj, adv, reward_metrics, timing = self.collect(it)
         sde_steps = traj.sde_steps
 
-        # 3. anchor, in the micro-batches of the first epoch
+        # 3. anchor: the rollout's own values or a replay in the micro-batches of the first epoch
         tic = time.perf_counter()
         perms = [torch.randperm(len(traj), generator=_gen(t.seed, it, 2 + e)) for e in range(t.inner_epochs)]
         anchor = self.anchor(traj, perms[0])
+        if anchor["metrics"].get("anchor/fallback"):
+            self.reuse_anchor = False
+        ref_kl = self.reference_kl(traj, perms[0], anchor) if self._measure_ref_kl(it) else {}
         timing["time/anchor"] = time.perf_counter() - tic
 
         # 4. inner epochs
@@ -214,6 +219,7 @@ class Trainer:
         )
         metrics["num_optimizer_steps"] = len(mb_metrics)
         metrics.update(anchor["metrics"])
+        metrics.update(ref_kl)
         if cfg.eval.ratio_noise_every and it % cfg.eval.ratio_noise_every == 0:
             tic = time.perf_counter()
             metrics.update(self.ratio_noise(traj, anchor))
@@ -233,7 +239,20 @@ class Trainer:
 
     def anchor(self, traj: Trajectories, perm: torch.Tensor) -> dict[str, Any]:
         """Step 3: frozen old log-probs, means and stds (:func:`update.anchor`)."""
-        return update.anchor(self.model, self.kernel, self.dist, self.cfg, traj, perm)
+        return update.anchor(self.model, self.kernel, self.dist, self.cfg, traj, perm, reuse=self.reuse_anchor)
+
+    def _measure_ref_kl(self, it: int) -> bool:
+        """The beta = 0 reference-KL diagnostic runs this iteration (at beta > 0 training computes it)."""
+        t = self.cfg.train
+        return t.log_ref_kl and not self.loss_spec.needs_reference and t.ref_kl_every > 0 and it % t.ref_kl_every == 0
+
+    def reference_kl(self, traj: Trajectories, perm: torch.Tensor, anchor: dict) -> dict[str, float]:
+        """KL of the anchor to the reference policy on ``train.ref_kl_samples`` samples of ``perm``
+        (all with 0; a multiple of the process count) (:func:`update.reference_kl`)."""
+        b, world = len(traj), self.dist.world
+        n = min(self.cfg.train.ref_kl_samples or b, b)
+        n = max(world, n - n % world)
+        return update.reference_kl(self.model, self.kernel, self.dist, self.cfg, traj, perm[:n], anchor)
 
     def train_minibatch(self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict) -> dict:
         """Step 4: one optimizer step on samples ``mb`` (:func:`update.minibatch_step`)."""

@@ -1,12 +1,15 @@
 """The policy update: the frozen anchor (step 3 of an iteration) and one mini-batch step (step 4).
 
 Both replay the stored SDE steps through :func:`flowdppo.training.rollout.replay_step`, the kernel
-call that sampled them, so sampling and training share every formula. :func:`anchor` runs without
-gradients in the micro-batches of the first epoch, so the first mini-batch starts at ratio 1 and KL 0.
-:func:`minibatch_step` back-propagates each step's loss (summed entries / the whole mini-batch's
-entry count, so the update is the same on 1 or N processes) as soon as it is computed, steps the
-optimizer once, and returns the metrics of the whole mini-batch from the same pure loss function
-(with one gather and one transfer). The losses read the log-ratio formed from the two means.
+call that sampled them, so sampling and training share every formula. :func:`anchor` either reuses
+the rollout's own log-probs and means (``train.anchor``: free, and exact when the rollout and training
+forwards are the same computation, which a few replayed samples check every iteration) or replays
+without gradients in the micro-batches of the first epoch; either way the first mini-batch starts at
+ratio 1 and KL 0. :func:`reference_kl` measures the KL to the reference policy on a subsample (a
+diagnostic at beta = 0; at beta > 0 training computes it anyway). :func:`minibatch_step`
+back-propagates each step's loss (summed entries / the whole mini-batch's entry count, so the update
+is the same on 1 or N processes) as soon as it is computed, steps the optimizer once, and returns the
+metrics of the whole mini-batch from the same pure loss function, with one gather and one transfer.
 See docs/flow-dppo.md, sections "Losses" and "One iteration".
 """
 
@@ -43,19 +46,32 @@ def prepare_optimizer(model: FlowModel, dist: Dist, cfg: Config) -> tuple[list, 
     return dist.prepare(model, t.sharding, make, micro_steps=micro_steps, grad_clip=t.grad_clip)
 
 
+def reuse_anchor(cfg: Config, model: FlowModel) -> bool:
+    """Whether iteration anchors reuse the rollout's log-probs and means (``train.anchor``).
+
+    ``auto`` reuses them for fp32 models (the rollout and the training forwards are then the same
+    computation, up to batch-geometry effects that the per-iteration spot check catches) and replays for
+    half precision, whose rounding depends on the batch; ``rollout`` always reuses, ``replay`` never.
+    """
+    mode = cfg.train.anchor
+    if mode == "auto":
+        tf32 = str(model.device).startswith("cuda") and torch.backends.cuda.matmul.allow_tf32
+        return getattr(model, "dtype", torch.float32) == torch.float32 and cfg.model.dtype == "float32" and not tf32
+    return mode == "rollout"
+
+
 @torch.no_grad()
-def anchor(
+def replay_anchor(
     model: FlowModel, kernel: Kernel, dist: Dist, cfg: Config, traj: Trajectories, perm: torch.Tensor
 ) -> dict[str, Any]:
     """Frozen old log-probs, means and stds ``[B, S(, ...)]`` from a no-grad replay at the current
-    weights in the first epoch's micro-batches; also the KL to the reference policy."""
+    weights in the first epoch's micro-batches (so the first mini-batch starts at ratio 1 and KL 0)."""
     t, g = cfg.train, cfg.sampling.guidance_scale
     b, s = len(traj), len(traj.sde_steps)
     dev = "cpu" if t.trajectories_on_cpu else model.device
     logp = torch.zeros(b, s)
     means = torch.zeros_like(traj.means, device=dev)
     std = torch.zeros(b, s)
-    kl_ref = torch.zeros(b, s)
     model.module.eval()
     for mb in perm.split(t.minibatch_size):
         for micro in dist.split(mb).split(t.micro_batch_size):
@@ -64,28 +80,116 @@ def anchor(
                 logp[micro, j] = out.log_prob.cpu()
                 means[micro, j] = out.mean.to(dev)
                 std[micro, j] = out.std.cpu()
-                if t.log_ref_kl:
-                    with model.disable_adapter():
-                        ref = replay_step(model, kernel, traj, micro, j, g)
-                    kl_ref[micro, j] = kernel.kl(out.mean, ref.mean, out.std).cpu()
     # each process filled its shares (zeros elsewhere): the sum is the whole batch's anchor
-    for x in (logp, means, std) + ((kl_ref,) if t.log_ref_kl else ()):
+    for x in (logp, means, std):
         dist.all_reduce_sum_(x)
-    diff = (logp - traj.log_probs.cpu()).abs()
+    diff = float((logp - traj.log_probs.cpu()).abs().max())
     tol = cfg.sampling.replay_tolerance
-    if float(diff.max()) > tol:
+    if diff > tol:
         log.warning(
             "replay log-prob differs from the rollout's by up to %.3g (> replay_tolerance %.3g): "
             "rollout and training forward passes disagree",
-            float(diff.max()),
+            diff,
             tol,
         )
-    m = {"replay/logp_abs_diff_max": float(diff.max())}
-    if t.log_ref_kl:
-        m["kl_ref"] = float(kl_ref.mean())
-        for j, k in enumerate(traj.sde_steps):
-            m[f"kl_ref/step{k}"] = float(kl_ref[:, j].mean())
-    return {"logp": logp, "means": means, "std": std, "metrics": m}
+    return {
+        "logp": logp,
+        "means": means,
+        "std": std,
+        "metrics": {"replay/logp_abs_diff_max": diff, "anchor/reused": 0.0},
+    }
+
+
+def rollout_anchor(kernel: Kernel, traj: Trajectories) -> dict[str, Any]:
+    """The anchor taken from the rollout itself: its log-probs and means (no forward), the kernel's std."""
+    b = len(traj)
+    std = torch.stack(
+        [kernel.std(traj.sigmas[k], traj.sigmas[k + 1], batch=b, device="cpu") for k in traj.sde_steps], 1
+    )
+    return {"logp": traj.log_probs.cpu(), "means": traj.means, "std": std, "metrics": {"anchor/reused": 1.0}}
+
+
+@torch.no_grad()
+def check_anchor(
+    model: FlowModel, kernel: Kernel, cfg: Config, traj: Trajectories, perm: torch.Tensor
+) -> tuple[float, float]:
+    """Replay the first ``train.anchor_check_samples`` samples of the first micro-batch at the first trained
+    step; the largest absolute differences from the rollout's log-probs and means."""
+    n = min(cfg.train.anchor_check_samples, len(traj))
+    idx = perm[:n]
+    model.module.eval()
+    out = replay_step(model, kernel, traj, idx, 0, cfg.sampling.guidance_scale)
+    d_logp = (out.log_prob.cpu() - traj.log_probs[idx, 0].cpu()).abs().max()
+    d_mean = (out.mean - traj.means[idx, 0].to(out.mean.device)).abs().max().cpu()
+    return float(d_logp), float(d_mean)
+
+
+def anchor(
+    model: FlowModel,
+    kernel: Kernel,
+    dist: Dist,
+    cfg: Config,
+    traj: Trajectories,
+    perm: torch.Tensor,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """Step 3: the frozen old policy, ``{"logp" [B, S], "means" [B, S, ...], "std" [B, S], "metrics"}``.
+
+    ``reuse`` (:func:`reuse_anchor`) takes the rollout's own values, checked on a few samples each
+    iteration; with ``train.anchor=auto`` a check that disagrees by more than ``sampling.replay_tolerance``
+    replays this iteration and returns ``metrics["anchor/fallback"] = 1`` (the trainer then stops
+    reusing); with ``train.anchor=rollout`` it only warns. Otherwise a no-grad replay (:func:`replay_anchor`).
+    """
+    if not reuse:
+        return replay_anchor(model, kernel, dist, cfg, traj, perm)
+    out = rollout_anchor(kernel, traj)
+    if cfg.train.anchor_check_samples > 0:
+        d_logp, d_mean = check_anchor(model, kernel, cfg, traj, perm)
+        out["metrics"].update({"replay/logp_abs_diff_max": d_logp, "anchor/check_mean_abs_diff_max": d_mean})
+        tol = cfg.sampling.replay_tolerance
+        if d_logp > tol:
+            if cfg.train.anchor == "auto":
+                log.warning(
+                    "train.anchor=auto: the rollout's log-probs differ from a replay by up to %.3g "
+                    "(> sampling.replay_tolerance %.3g): replaying the anchor from now on",
+                    d_logp,
+                    tol,
+                )
+                out = replay_anchor(model, kernel, dist, cfg, traj, perm)
+                out["metrics"]["anchor/fallback"] = 1.0
+            else:
+                log.warning(
+                    "train.anchor=rollout: the reused anchor differs from a replay by up to %.3g in log-prob "
+                    "(> sampling.replay_tolerance %.3g); train.anchor=replay recomputes it",
+                    d_logp,
+                    tol,
+                )
+    return out
+
+
+@torch.no_grad()
+def reference_kl(
+    model: FlowModel, kernel: Kernel, dist: Dist, cfg: Config, traj: Trajectories, idx: torch.Tensor, anchor: dict
+) -> dict[str, float]:
+    """KL of the anchor policy to the reference policy on samples ``idx`` (a diagnostic at beta = 0):
+    ``kl_ref`` and ``kl_ref/step<k>``. The processes share the forwards (``len(idx)`` a multiple of the
+    number of processes)."""
+    t, g = cfg.train, cfg.sampling.guidance_scale
+    s = len(traj.sde_steps)
+    kl = torch.zeros(len(idx), s)
+    model.module.eval()
+    for pos in dist.split(torch.arange(len(idx))).split(t.micro_batch_size):
+        ids = idx[pos]
+        for j in range(s):
+            with model.disable_adapter():
+                ref = replay_step(model, kernel, traj, ids, j, g)
+            mean = anchor["means"][ids, j].to(ref.mean.device)
+            kl[pos, j] = kernel.kl(mean, ref.mean, anchor["std"][ids, j].to(ref.mean.device)).cpu()
+    dist.all_reduce_sum_(kl)
+    m = {"kl_ref": float(kl.mean())}
+    for j, k in enumerate(traj.sde_steps):
+        m[f"kl_ref/step{k}"] = float(kl[:, j].mean())
+    return m
 
 
 def minibatch_step(
