@@ -27,13 +27,32 @@ def _check_geometry(out: dict) -> None:
 def test_bench_speed_smoke(tmp_path, capsys):
     path = tmp_path / "speed.json"
     rc = bench_speed.main(
-        ["--smoke", "--iterations", "1", "--warmup", "0", "--procs", "", "--quiet", "--json", str(path)]
+        [
+            "--smoke",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--procs",
+            "",
+            "--compare-anchor",
+            "--quiet",
+            "--json",
+            str(path),
+        ]
     )
     assert rc == 0
     res = json.loads(path.read_text())
     assert res["peak_mm_flop_per_s"] > 0 and res["smoke"] is True
     for geo in ("shapes", "sd3"):
         _check_geometry(dict(res[geo], _peak=res["peak_mm_flop_per_s"]))
+    # the replayed anchor makes a forward per trained step of every sample: more than the reused one's check
+    replayed = res["shapes"][bench_speed.REPLAYED]
+    assert replayed["flops"]["anchor"] > res["shapes"]["flow-dppo"]["flops"]["anchor"]
+    r = res["shapes"]["anchor_as_configured_over_replayed"]
+    assert math.isclose(
+        r["ratio_of_medians"], res["shapes"]["flow-dppo"]["seconds"]["iteration"] / replayed["seconds"]["iteration"]
+    )
     # same geometry and steps: Flow-DPPO counts the same model FLOPs as Flow-GRPO
     assert res["shapes"]["flow-dppo"]["flops"] == res["shapes"]["flow-grpo"]["flops"]
     text = capsys.readouterr().out

@@ -16,6 +16,8 @@ Run by hand, never by the test suite (a smoke test runs it at toy sizes). What i
 - **memory** (``--procs 1,2``): one iteration of Flow-DPPO in 1 and in 2 gloo processes at the same
   global batch, each process reporting the bytes of the trajectories and anchor it holds and its peak
   resident memory;
+- **anchor** (``--compare-anchor``): Flow-DPPO again with ``train.anchor=replay``, interleaved with the
+  others, and the iteration ratio of the configured anchor (default ``auto``) over the replayed one;
 - **busy** (``--busy``): the shapes iteration again while one competing 2-thread matmul loop runs,
   against the quiet figure of the same run.
 
@@ -49,6 +51,7 @@ from typing import Any
 
 PHASES = ("rollout", "reward", "anchor", "train")
 PRESETS = ("flow-dppo", "flow-grpo")
+REPLAYED = "flow-dppo/anchor=replay"  # --compare-anchor
 
 COMMON = [
     "log.tensorboard=false",
@@ -411,10 +414,28 @@ def run(args: argparse.Namespace) -> dict:
                 )
                 for p in PRESETS
             }
+            if args.compare_anchor:  # Flow-DPPO with the anchor replayed, interleaved with the other two
+                trainers[REPLAYED] = build_trainer(
+                    geo,
+                    "flow-dppo",
+                    str(Path(tmp) / f"{geo}-replayed"),
+                    smoke=args.smoke,
+                    sd3_path=args.sd3_path,
+                    extra=[*args.set, "train.anchor=replay"],
+                )
             rows = time_iterations(trainers, args.iterations, args.warmup, progress=not args.quiet)
             out: dict[str, Any] = {}
             for p, tr in trainers.items():
                 out[p] = summarise(rows[p], phase_flops(tr, forward_flops(tr)), peak)
+            if args.compare_anchor:
+                paired = [a["iteration"] / b["iteration"] for a, b in zip(rows["flow-dppo"], rows[REPLAYED])]
+                out["anchor_as_configured_over_replayed"] = {
+                    "ratio_of_medians": out["flow-dppo"]["seconds"]["iteration"]
+                    / out[REPLAYED]["seconds"]["iteration"],
+                    "median_paired_ratio": _median(paired),
+                    "paired": paired,
+                    "anchor_seconds": [out["flow-dppo"]["seconds"]["anchor"], out[REPLAYED]["seconds"]["anchor"]],
+                }
             paired = [a["iteration"] / b["iteration"] for a, b in zip(rows["flow-dppo"], rows["flow-grpo"])]
             out["dppo_over_grpo"] = {
                 "ratio_of_medians": out["flow-dppo"]["seconds"]["iteration"] / out["flow-grpo"]["seconds"]["iteration"],
@@ -471,6 +492,13 @@ def format_summary(res: dict) -> str:
             f"{geo:6s} Flow-DPPO / Flow-GRPO iteration: {r['ratio_of_medians']:.3f} (ratio of medians), "
             f"{r['median_paired_ratio']:.3f} (median of {len(r['paired'])} paired ratios)"
         )
+        if REPLAYED in out:
+            s, r = out[REPLAYED]["seconds"], out["anchor_as_configured_over_replayed"]
+            lines.append(
+                f"{geo:6s} flow-dppo with the anchor replayed: iteration {s['iteration']:.3f} s, anchor "
+                f"{s['anchor']:.3f} s; as configured / replayed: {r['ratio_of_medians']:.3f} (ratio of medians), "
+                f"{r['median_paired_ratio']:.3f} (median of paired ratios)"
+            )
         if "busy" in out:
             lines.append(
                 f"{geo:6s} busy (one 2-thread matmul loop): iteration {out['busy']['seconds']['iteration']:.3f} s, "
@@ -499,6 +527,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per preset (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per preset first")
     p.add_argument("--procs", default="1,2", help="process counts for the memory measurement ('' to skip)")
+    p.add_argument(
+        "--compare-anchor",
+        action="store_true",
+        help="also time Flow-DPPO with train.anchor=replay, interleaved (the cost of replaying the anchor)",
+    )
     p.add_argument("--busy", action="store_true", help="also time the shapes geometry beside a 2-thread matmul loop")
     p.add_argument("--mm-size", type=int, default=1024, help="matrix side of the peak measurement")
     p.add_argument("--smoke", action="store_true", help="toy sizes (seconds): checks the command, measures nothing")
