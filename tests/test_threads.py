@@ -28,6 +28,12 @@ def test_configure_sets_only_what_is_unset():
     assert env == {"GOMP_SPINCOUNT": "1000", "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "3"}
 
 
+def test_a_nested_omp_setting_of_the_user_is_left_alone():
+    env = {"OMP_NUM_THREADS": "4,2"}  # OpenMP's nested form: not a count we parse, and not an error
+    threads.configure(environ=env)
+    assert env["OMP_NUM_THREADS"] == "4,2" and env["MKL_NUM_THREADS"] == str(threads.available_cpus())
+
+
 def test_explicit_thread_count_overrides():
     env = {"OMP_NUM_THREADS": "4", "FLOWDPPO_THREADS": "2"}
     threads.configure(environ=env)

@@ -75,6 +75,15 @@ def parse_threads(value: str | int | None) -> int | None:
     return n
 
 
+def _user_threads(value: str | None) -> int | None:
+    """The user's own ``OMP_NUM_THREADS`` as a count, or None when unset or in a form OpenMP reads and we do
+    not (e.g. the nested ``"4,2"``; then it is left as it is)."""
+    try:
+        return parse_threads(value)
+    except ValueError:
+        return None
+
+
 def configure(threads: str | int | None = None, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set the thread environment for this process (see the module doc); returns what it set.
 
@@ -87,7 +96,7 @@ def configure(threads: str | int | None = None, environ: MutableMapping[str, str
     if not any(env.get(k) for k in WAIT_VARS):
         changed["OMP_WAIT_POLICY"] = "PASSIVE"
     # an explicit count, else the user's OMP_NUM_THREADS (MKL follows it), else the CPUs available
-    n = explicit if explicit is not None else (parse_threads(env.get("OMP_NUM_THREADS")) or available_cpus())
+    n = explicit if explicit is not None else (_user_threads(env.get("OMP_NUM_THREADS")) or available_cpus())
     for k in THREAD_VARS:
         if explicit is not None or not env.get(k):
             changed[k] = str(n)

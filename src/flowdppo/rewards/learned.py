@@ -51,6 +51,8 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"reward device {device!r}: CUDA is not available here; use device=cpu")
+    if dev.type == "cuda" and dev.index is None:  # this process's GPU (torchrun sets it per rank), fixed now
+        dev = torch.device("cuda", torch.cuda.current_device())
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype is None:
         dt = torch.float16 if dev.type == "cuda" else torch.float32

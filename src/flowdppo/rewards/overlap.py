@@ -10,7 +10,6 @@ optimizer step.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -33,10 +32,14 @@ class ChunkScorer:
         self.reward_fn, self.decode = reward_fn, decode
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward") if background else None
         self.parts: list[Future | tuple[list[str], torch.Tensor]] = []
-        self.wait_s = 0.0  # time join() spent waiting for the scores (the part of the reward not hidden)
+        # the current CUDA device is per thread: the worker uses this process's one (torchrun's local rank)
+        self.cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
     def _score(self, prompts: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.reward_fn(prompts, images)
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
+        with torch.no_grad():
+            out = self.reward_fn(prompts, images)
         return {k: torch.as_tensor(v).detach().float().cpu() for k, v in out.items()}
 
     def submit(self, prompts: Sequence[str], final_latents: torch.Tensor) -> None:
@@ -48,11 +51,9 @@ class ChunkScorer:
             self.parts.append(self.pool.submit(self._score, list(prompts), images))
 
     def join(self) -> dict[str, torch.Tensor]:
-        tic = time.perf_counter()
         try:
             results = [p.result() if isinstance(p, Future) else self._score(*p) for p in self.parts]
         finally:
-            self.wait_s = time.perf_counter() - tic
             self.close()
         if not results:
             raise ValueError("no chunk was scored")

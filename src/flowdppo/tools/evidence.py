@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -215,8 +216,9 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
 
         bar = tqdm(total=len(plan.runs()), initial=len(plan.runs()) - len(todo), desc="bench", unit="run")
     env = dict(os.environ)
-    if jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")
+    if jobs > 1:  # one thread per run (the children's thread choice reads FLOWDPPO_THREADS first)
+        env["FLOWDPPO_THREADS"] = "1"
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     running: list[tuple[subprocess.Popen, Path, Any]] = []
     failures: list[str] = []
 
@@ -242,8 +244,8 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
         while running:
             reap(block=True)
     finally:
-        for proc, _, fh in running:  # interrupted: stop the children (they checkpoint on SIGINT / SIGTERM)
-            proc.terminate()
+        for proc, _, fh in running:  # interrupted: stop the children; a run checkpoints on SIGINT and resumes
+            proc.send_signal(signal.SIGINT)
             proc.wait()
             fh.close()
         if bar is not None:
