@@ -56,17 +56,17 @@ TAU_RES = 0.2  # max distance of a pixel from its colour's segment
 TAU_BG = 0.25  # an off-segment pixel this close to the background is background
 MIN_AREA = 8  # components smaller than this (at 32x32) are specks and ignored
 COLOR_SHARE = 0.75  # the majority colour must hold this share of a component's pixels
-IOU_MIN, IOU_MARGIN = 0.75, 0.06  # shape: best template soft-IoU, and its lead over the runner-up
+IOU_MIN, IOU_MARGIN = 0.75, 0.05  # shape: best template soft-IoU, and its lead over the runner-up
 HALO_MIN = 0.2  # soft coverage below this is ignored in the shape IoU
 BLURS = (0.0, 0.5, 0.8, 1.1)  # Gaussian blurs (px) tried on the shape templates
 SIZE_RANGE = (2.5, 10.5)  # plausible half-extents (px, at 32x32); scenes use 4..7
-MOMENT_TOL = (0.25, 0.15)  # (unused since calibration, kept for reference) and max |x-y correlation| difference
+CORR_TOL = 0.2  # max |x-y correlation| difference, blob vs template (skewed blobs are merged pairs)
 # calibrated against eye labels of model samples (docs/shapes-demo.md): templates are stretched to the blob's
 # aspect ratio (estimated from its second moments, up to ASPECT_FIT), and a shape counts if that aspect is
 # within ASPECT_MAX (height:width either way), so a slightly tall triangle or a 1.2:1 "square" is read as a
 # person reads it, while a merged pair (about 2:1, or skewed) is still refused. The square is also tried with
 # rounded corners (radius ROUNDING x its half-side): a rounded square is a square to the eye.
-ASPECT_MAX: dict[str, float] = {"circle": 1.2, "square": 1.25, "triangle": 1.35}
+ASPECT_MAX: dict[str, float] = {"circle": 1.2, "square": 1.3, "triangle": 1.35}
 ASPECT_FIT = 1.6
 ROUNDING = 0.4
 # graded (Soft-TIFA-style) confidences: smooth ramps around the detector's hard thresholds (see tifa_score)
@@ -287,7 +287,7 @@ def _shape_confidences(
             _ramp(ious[i], *SOFT_IOU)
             * _ramp(lead, 0.0, SOFT_MARGIN)
             * _ramp(-da, -lim - 0.06, -lim + 0.08)
-            * _ramp(-dc, -2 * MOMENT_TOL[1], -MOMENT_TOL[1])
+            * _ramp(-dc, -2 * CORR_TOL, -CORR_TOL)
             * _ramp(sizes[i], SIZE_RANGE[0] - 1.0, SIZE_RANGE[0])
             * _ramp(-sizes[i], -SIZE_RANGE[1] - 1.0, -SIZE_RANGE[1])
         )
@@ -338,7 +338,7 @@ def _classify_shape(
         and ious[i] - ious[j] >= IOU_MARGIN
         and SIZE_RANGE[0] <= params[i][2] <= SIZE_RANGE[1]
         and errs[i][0] <= math.log(ASPECT_MAX[SHAPES[i]])
-        and errs[i][1] <= MOMENT_TOL[1]
+        and errs[i][1] <= CORR_TOL
     )
     cx, cy, s = params[i]
     conf = _shape_confidences(ious, [p[2] for p in params], errs)
