@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,17 @@ def test_pretrain_options_init_from_and_category_weights(tmp_path):
     om = order_metrics(ShapesFlowModel.from_pretrained(tmp_path / "b"), samples_per_prompt=1)
     assert all(0.0 <= om[k] <= 1.0 for k in ("position_order", "position_reversed", "binding", "binding_swapped"))
     assert om["swap_sensitivity"] > 0.0
+
+
+CANDIDATE = Path(__file__).resolve().parent.parent / "candidates" / "shapes_model_v2"
+
+
+@pytest.mark.skipif(not (CANDIDATE / "model.safetensors").exists(), reason="candidate weights not in this checkout")
+def test_candidate_v2_loads_and_tells_swapped_prompts_apart():
+    m = ShapesFlowModel.from_pretrained(CANDIDATE)
+    assert m.config["text_layers"] == 3 and m.config["text_pos_init"] == "sinusoidal"
+    x, s = inputs(2)
+    with torch.no_grad():
+        c = m.encode_prompts(["a red circle and a green square", "a green circle and a red square"])
+        v = m.velocity(x[:1].expand(2, -1, -1, -1), s[:1].expand(2), c)
+    assert torch.isfinite(v).all() and float((v[0] - v[1]).abs().max()) > 0.05
