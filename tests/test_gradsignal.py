@@ -73,3 +73,30 @@ def test_gradient_agreement_of_known_vectors():
     assert gradient_agreement([a, -a])[0] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="at least 2"):
         gradient_agreement([a])
+
+
+def test_per_category_gradients_sum_to_the_batch_gradient_and_zero_variance_groups_are_counted(tmp_path):
+    from flowdppo.tools.gradsignal import zero_variance_groups
+
+    prompts = ["a circle", "two squares", "a red circle", "a circle to the left of a square"]
+    cfg = load_config(overrides=BASE + ["steps.num_sde_steps=2"])
+
+    def reward(ps, images):  # the counting prompt's group gets a constant reward: no signal
+        r = images.mean(dim=(1, 2, 3))
+        return {"bright": torch.where(torch.tensor([p == "two squares" for p in ps]), torch.zeros_like(r), r)}
+
+    tr = Trainer(cfg, model=ToyModel(0), reward_fn=reward, prompts=prompts, eval_sets={}, run_dir=tmp_path / "r")
+    whole, _ = batch_gradient(tr, 0, prompt_iteration=0)
+    flat, _, by_cat, zero = batch_gradient(tr, 0, prompt_iteration=0, per_category=True)
+    assert torch.allclose(flat, whole, atol=1e-5 * float(whole.abs().max()))
+    assert set(by_cat) == {"single_object", "counting", "colors", "position"}  # 4 prompts per iteration: all
+    assert torch.allclose(torch.stack(list(by_cat.values())).sum(0), whole, atol=1e-5 * float(whole.abs().max()))
+    assert zero["counting"] == [1, 1] and float(by_cat["counting"].abs().max()) == 0.0
+    for c, (z, n) in zero.items():
+        assert 0 <= z <= n and (c == "counting" or z == 0)
+    # the helper alone
+    gids = torch.tensor([0, 0, 1, 1])
+    got = zero_variance_groups(
+        ["a circle"] * 2 + ["not a grammar prompt"] * 2, gids, torch.tensor([0.0, 0.0, 1.0, -1.0])
+    )
+    assert got == {"single_object": [1, 1], "other": [0, 1]}

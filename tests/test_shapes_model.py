@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +258,90 @@ def test_shipped_weights_load():
     with torch.no_grad():
         v = m.velocity(x, s, m.encode_prompts(["three triangles", "a red circle"]))
     assert v.shape == (2, 3, 32, 32) and torch.isfinite(v).all()
+
+
+def test_position_codes_weigh_like_tokens_and_make_order_visible():
+    from flowdppo.models.shapes_model import WordEncoder, position_codes
+
+    pos = position_codes(10, 64)
+    assert pos.shape == (10, 64)
+    assert abs(float(pos.pow(2).mean()) - 1.0) < 0.05  # unit variance per entry, like nn.Embedding's tokens
+    d = torch.cdist(pos, pos) + 100 * torch.eye(10)
+    assert float(d.min()) > 2.0  # every position has its own code, far from its neighbours
+    with pytest.raises(ValueError, match="text_pos_init"):
+        position_codes(10, 64, "rope")
+    # a bag of words: the same words in another order. The image transformer's attention sees the text
+    # states as a set, so compare them as sets (mean distance of each state to its nearest in the other):
+    # with sinusoidal codes a random encoder already tells the swapped prompt apart about as well as a
+    # prompt with another word; with the old N(0, 0.02) init it barely does.
+    a, b, c = (
+        "a circle to the left of a square",
+        "a square to the left of a circle",
+        "a circle to the left of a triangle",
+    )
+    gaps = {}
+    for init in ("sinusoidal", "small"):
+        torch.manual_seed(0)
+        enc = WordEncoder(VOCAB + ["triangle"], 32, 2, 2, 10, init).eval()
+        with torch.no_grad():
+            h, _ = enc(enc.ids([a, b, c]))
+        n = len(a.split())
+        ab, ac = (float(torch.cdist(h[0, :n], h[j, :n]).min(dim=1).values.mean()) for j in (1, 2))
+        gaps[init] = ab / ac
+    assert gaps["sinusoidal"] > 0.5 and gaps["small"] < 0.1, gaps
+
+
+def test_pretrain_options_init_from_and_category_weights(tmp_path):
+    import numpy as np
+
+    from flowdppo.tools.pretrain import make_batch, order_metrics, parse_category_weights, pretrain
+    from flowdppo.worlds import shapes
+
+    w = parse_category_weights("position=3,color_attr=0")
+    assert w == [3.0 if c == "position" else 0.0 if c == "color_attr" else 1.0 for c in shapes.CATEGORIES]
+    with pytest.raises(ValueError, match="CATEGORY=WEIGHT"):
+        parse_category_weights("positions=2")
+    only_pos = [1.0 if c == "position" else 0.0 for c in shapes.CATEGORIES]
+    prompts, x0 = make_batch(np.random.default_rng(0), 16, p_uncond=0.0, weights=only_pos)
+    assert x0.shape == (16, 3, 32, 32) and all(shapes.parse_prompt(p).category == "position" for p in prompts)
+    with pytest.raises(ValueError, match="category weights"):
+        make_batch(np.random.default_rng(0), 2, weights=[1.0])
+
+    tiny_cfg = {k: v for k, v in TINY.items() if k != "vocab"}
+    src = ShapesFlowModel.from_config(tiny_cfg, seed=5)
+    src.save_pretrained(tmp_path / "src", half=False)
+    kw = dict(batch_size=4, model_config=tiny_cfg, threads=None, grid=False, progress=False, eval_samples_per_prompt=1)
+    # 0 optimizer steps: the written model is the initialisation
+    pretrain(
+        tmp_path / "a", steps=0, ckpt_dir=tmp_path / "ca", init_from=tmp_path / "src", init_parts="transformer", **kw
+    )
+    got = ShapesFlowModel.from_pretrained(tmp_path / "a").module
+    ref = ShapesFlowModel.from_config(tiny_cfg, seed=0).module  # pretrain's own seed for the fresh parts
+    for n, p in got.transformer.state_dict().items():
+        assert torch.allclose(p, src.module.transformer.state_dict()[n].half().float()), n
+    for n, p in got.text_encoder.state_dict().items():
+        assert torch.allclose(p, ref.text_encoder.state_dict()[n].half().float()), n
+    # periodic evaluation writes one record per evaluation (step 0 included) with the order diagnostics
+    pretrain(
+        tmp_path / "b", steps=4, ckpt_dir=tmp_path / "cb", eval_every=2, eval_every_samples=1, category_weights=w, **kw
+    )
+    recs = [json.loads(line) for line in (tmp_path / "cb" / "evals.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 2, 4]
+    assert set(recs[0]["per_category"]) == set(shapes.CATEGORIES)
+    om = order_metrics(ShapesFlowModel.from_pretrained(tmp_path / "b"), samples_per_prompt=1)
+    assert all(0.0 <= om[k] <= 1.0 for k in ("position_order", "position_reversed", "binding", "binding_swapped"))
+    assert om["swap_sensitivity"] > 0.0
+
+
+CANDIDATE = Path(__file__).resolve().parent.parent / "candidates" / "shapes_model_v2"
+
+
+@pytest.mark.skipif(not (CANDIDATE / "model.safetensors").exists(), reason="candidate weights not in this checkout")
+def test_candidate_v2_loads_and_tells_swapped_prompts_apart():
+    m = ShapesFlowModel.from_pretrained(CANDIDATE)
+    assert m.config["text_layers"] == 3 and m.config["text_pos_init"] == "sinusoidal"
+    x, s = inputs(2)
+    with torch.no_grad():
+        c = m.encode_prompts(["a red circle and a green square", "a green circle and a red square"])
+        v = m.velocity(x[:1].expand(2, -1, -1, -1), s[:1].expand(2), c)
+    assert torch.isfinite(v).all() and float((v[0] - v[1]).abs().max()) > 0.05

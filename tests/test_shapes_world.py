@@ -318,3 +318,51 @@ def test_vocabulary_covers_every_prompt():
     words = {w for c, sp in ALL_POOLS for p in S.prompt_pool(c, sp) for w in p.text.split()}
     words |= {w for c, sp in ALL_POOLS for _ in range(20) for w in S.sample_prompt(rng, c, sp).text.split()}
     assert words <= vocab and len(S.vocabulary()) == len(vocab)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def _superellipse(p: float, ratio: float = 1.0, r: float = 6.0, color: str = "red") -> np.ndarray:
+    """|x/a|^p + |y/b|^p <= 1 centred (p = 2 circle, large p square), b / a = ``ratio``, anti-aliased."""
+    ss = 4
+    c = (np.arange(32)[:, None] + (np.arange(ss) + 0.5) / ss).reshape(-1) - 16.0
+    x, y = c[None, :] / (r / np.sqrt(ratio)), c[:, None] / (r * np.sqrt(ratio))
+    a = ((np.abs(x) ** p + np.abs(y) ** p) <= 1).reshape(32, ss, 32, ss).mean((1, 3))[..., None]
+    return (BG * (1 - a) + a * np.asarray(S.COLORS[color])).astype(np.float32)
+
+
+def _tall_triangle(ratio: float) -> np.ndarray:
+    """An apex-up triangle of half-base 5.5 and half-height 5.5 * ``ratio`` (1 = the scenes' triangle)."""
+    img = blank().astype(np.float64)
+    a = S._coverage("triangle", 16.0, 16.0, 5.5, 0, 0, 32, 32, sy=5.5 * ratio)[..., None]
+    return (img * (1 - a) + a * np.asarray(S.COLORS["blue"])).astype(np.float32)
+
+
+def test_calibrated_shapes_read_as_a_person_reads_them():
+    shape = lambda img: [d.shape for d in S.detect(img)]  # noqa: E731
+    # a rounded square is a square, a squircle halfway to a circle is refused, a circle is a circle
+    assert shape(_superellipse(5)) == ["square"] and shape(_superellipse(4)) == ["square"]
+    assert shape(_superellipse(3)) == [None] and shape(_superellipse(2)) == ["circle"]
+    # a 1.2:1 rectangle is a square, 1.5:1 is not; an ellipse of 1.1:1 is a circle, 1.4:1 is not
+    assert shape(_superellipse(30, 1.2)) == ["square"] and shape(_superellipse(30, 1.5)) == [None]
+    assert shape(_superellipse(2, 1.1)) == ["circle"] and shape(_superellipse(2, 1.4)) == [None]
+    # a slightly tall (or squat) triangle is a triangle; one twice as tall is not
+    assert shape(_tall_triangle(1.2)) == ["triangle"] and shape(_tall_triangle(0.85)) == ["triangle"]
+    assert shape(_tall_triangle(2.0)) == [None]
+
+
+def test_judge_agrees_with_eye_labels_of_model_samples():
+    """240 samples of the first shipped model labelled by eye (tests/data/judge_labels.json): the calibrated
+    detector agrees on >= 90% (it was 79.6% before calibration) and passes at most 1 image the eye rejects."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    meta = __import__("json").loads((data / "judge_labels.json").read_text())
+    images = np.load(data / "judge_samples.npz")["images"].astype(np.float32) / 255.0
+    labels = np.array(meta["labels"])
+    texts = [meta["prompts"][i // 8] for i in range(len(images))]
+    det = np.array([s.strict for s in S.score_batch(texts, images)])
+    assert len(labels) == len(images) == 240
+    assert np.mean(det == labels) >= 0.90
+    assert int(((det == 1) & (labels == 0)).sum()) <= 1

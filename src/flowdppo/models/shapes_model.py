@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -60,6 +61,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "text_layers": 2,
     "text_heads": 4,
     "max_tokens": 10,
+    # init of the learned position embedding: "sinusoidal" = sin/cos codes at the token embeddings' scale
+    # (word order visible from the first step); "small" = N(0, 0.02), which the first shipped model used and
+    # which left it reading prompts as bags of words (its positions ended 6x smaller than its tokens)
+    "text_pos_init": "sinusoidal",
     "default_shift": 1.0,
     "vocab": None,  # None = flowdppo.worlds.shapes.vocabulary() at build time; stored in config.json
 }
@@ -72,6 +77,24 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def position_codes(n: int, dim: int, init: str = "sinusoidal") -> torch.Tensor:
+    """Initial position embedding ``[n, dim]``.
+
+    ``"sinusoidal"``: the transformer's sin/cos codes scaled to unit variance per entry, i.e. the scale
+    of ``nn.Embedding``'s N(0, 1) token rows, so that after the first LayerNorm word order weighs as much
+    as word identity. ``"small"``: N(0, 0.02) (the first shipped model's init)."""
+    if init == "small":
+        return torch.randn(n, dim) * 0.02
+    if init != "sinusoidal":
+        raise ValueError(f"unknown text_pos_init {init!r}; valid: sinusoidal, small")
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(100.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    out = torch.zeros(n, dim)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return out * math.sqrt(2.0)
+
+
 class WordEncoder(nn.Module):
     """Word-level text encoder: ``[B]`` prompts -> ``([B, L, D], [B, D])``.
 
@@ -79,13 +102,21 @@ class WordEncoder(nn.Module):
     id 1 is an unknown word. Prompts longer than ``max_tokens`` words are truncated.
     """
 
-    def __init__(self, vocab: Sequence[str], dim: int = 64, layers: int = 2, heads: int = 4, max_tokens: int = 12):
+    def __init__(
+        self,
+        vocab: Sequence[str],
+        dim: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        max_tokens: int = 12,
+        pos_init: str = "sinusoidal",
+    ):
         super().__init__()
         self.vocab = [PAD, UNK] + [w for w in vocab if w not in (PAD, UNK)]
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_tokens = max_tokens
-        self.tok = nn.Embedding(len(self.vocab), dim)
-        self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.tok = nn.Embedding(len(self.vocab), dim)  # N(0, 1): rows of norm ~sqrt(dim)
+        self.pos = nn.Parameter(position_codes(max_tokens, dim, pos_init))
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
         )
@@ -122,7 +153,12 @@ class ShapesNet(nn.Module):
         from diffusers import SD3Transformer2DModel
 
         self.text_encoder = WordEncoder(
-            cfg["vocab"], cfg["text_dim"], cfg["text_layers"], cfg["text_heads"], cfg["max_tokens"]
+            cfg["vocab"],
+            cfg["text_dim"],
+            cfg["text_layers"],
+            cfg["text_heads"],
+            cfg["max_tokens"],
+            cfg["text_pos_init"],
         )
         inner = cfg["num_heads"] * cfg["head_dim"]
         self.transformer = SD3Transformer2DModel(

@@ -22,7 +22,9 @@ class RewardFn(Protocol):
 def shapes_reward() -> RewardFn:
     """The embedded world's exact, rule-based reward: ``strict`` (every atom holds) and ``soft``
     (fraction of atoms that hold), GenEval-style, and ``quality`` (the mean best-template IoU of the
-    detected blobs: how cleanly shapes are drawn, a graded signal that needs no prompt)."""
+    detected blobs: how cleanly shapes are drawn, a graded signal that needs no prompt), and the graded,
+    prompt-aware ``tifa_atom`` / ``tifa_prompt`` (Soft-TIFA-style: the mean and the product of one
+    confidence per atom of the prompt, see ``shapes.tifa_score``)."""
     from flowdppo.worlds import shapes
 
     def fn(prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -32,6 +34,9 @@ def shapes_reward() -> RewardFn:
             "strict": torch.tensor([s.strict for s in scores], dtype=torch.float32),
             "soft": torch.tensor([s.soft for s in scores], dtype=torch.float32),
             "quality": torch.tensor([s.quality for s in scores], dtype=torch.float32),
+            # graded, prompt-aware (Soft-TIFA-style): mean / product of per-atom confidences (shapes.tifa_score)
+            "tifa_atom": torch.tensor([s.tifa_atom for s in scores], dtype=torch.float32),
+            "tifa_prompt": torch.tensor([s.tifa_prompt for s in scores], dtype=torch.float32),
         }
 
     return fn
