@@ -91,6 +91,7 @@ def test_a_reward_failing_mid_rollout_takes_no_optimizer_step(tmp_path):
     tr.optimizer.step = lambda *a, **k: steps.append(1)
     with pytest.raises(RuntimeError, match="reward server went away"):
         tr.iteration_step(0)
-    assert steps == [] and calls == [5, 5, 2]
+    # the third chunk may or may not have been scored before the failure was seen (join cancels what is left)
+    assert steps == [] and calls[:2] == [5, 5] and calls in ([5, 5], [5, 5, 2])
     for n, p in tr.model.module.named_parameters():
         assert torch.equal(p, before[n]), n
