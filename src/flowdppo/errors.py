@@ -60,3 +60,8 @@ def one_line(e: BaseException) -> str:
         text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     text = " ".join(str(text).split())
     return text if len(text) <= 600 else text[:597] + "..."
+
+
+class NonFiniteError(RuntimeError):
+    """A reward, loss, gradient norm or weight is NaN or infinite; the iteration stopped before the optimizer
+    step (or the write) and the message names the value."""
