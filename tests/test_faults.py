@@ -148,9 +148,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, reference
 
 def test_reusing_a_run_name_is_refused(tmp_path):
     build(tmp_path / "run").run(progress=False, stop_after=1)
-    with pytest.raises(
-        UserError, match=r"already holds a run; continue it with `flowdppo train --resume .*--overwrite"
-    ):
+    with pytest.raises(UserError, match=r"already holds a run; continue it with flowdppo train --resume .*--overwrite"):
         build(tmp_path / "run")
     before = lines(tmp_path / "run" / "metrics.jsonl")
     assert [m["iteration"] for m in before] == [0]

@@ -64,8 +64,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowdppo.errors import UserError
     from flowdppo.report import write_report
 
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise UserError(f"{args.run_dir} is not a flowdppo run directory (no metrics.jsonl)")
     print(write_report(args.run_dir))
     return 0
 

@@ -268,8 +268,7 @@ RENAMED = {"algorithm.adv_clip": "algorithm.loss_adv_clip", "algorithm.advantage
 
 def _build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     if data is not None and not isinstance(data, Mapping):
-        fields = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(f"{where or 'the config'}: expected a mapping of {fields}; got {data!r}")
+        raise ConfigError(f"{where or 'the config'}: expected a mapping (a section of keys), got {data!r}")
     data = dict(data or {})
     for old, new in RENAMED.items():
         section, old_key = old.split(".")
@@ -436,9 +435,7 @@ def check_device_available(device: str) -> None:
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"model.device={device!r} but no CUDA GPU is available to torch {torch.__version__}; valid: cpu"
-        )
+        raise ConfigError(f"model.device={device!r} but torch sees no CUDA GPU on this machine; valid: cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(
             f"model.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "

@@ -29,6 +29,11 @@ _OS_HINTS = {
 }
 
 
+def os_reason(e: OSError) -> str:
+    """What went wrong, without the path: ``No space left on device``, ``read-only file system``, ..."""
+    return _OS_HINTS.get(e.errno or -1, e.strerror or str(e))
+
+
 def os_error_line(e: OSError) -> str:
     """``cannot write PATH: No space left on device`` style text for an ``OSError``."""
     what = _OS_HINTS.get(e.errno or -1, e.strerror or str(e))

@@ -253,7 +253,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         if not isinstance(state, dict) or "iteration" not in state:
             raise ValueError("not a flowdppo checkpoint state")
     except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file, named
-        raise UserError(f"checkpoint file {f} is corrupt or unreadable ({' '.join(str(e).split())[:160]})") from None
+        raise UserError(f"checkpoint file {f} is corrupt or unreadable ({type(e).__name__})") from None
     return weights, state
 
 

@@ -33,7 +33,7 @@ from flowdppo.config import Config, ConfigError, check_reward_components
 from flowdppo.core import advantages as adv_lib
 from flowdppo.core.losses import LossSpec
 from flowdppo.core.steps import StepSelection
-from flowdppo.errors import NonFiniteError, UserError, one_line, os_error_line
+from flowdppo.errors import NonFiniteError, UserError, one_line, os_reason
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
 from flowdppo.rewards import build_eval_reward, build_reward
@@ -139,7 +139,7 @@ class Trainer:
         used = self.dist.from_main(d.is_dir() and any(d.iterdir()))
         if used and not (overwrite or resuming):
             raise UserError(
-                f"run directory {d} already holds a run; continue it with `flowdppo train --resume {d}`, "
+                f"run directory {d} already holds a run; continue it with flowdppo train --resume {d}, "
                 "replace it with --overwrite, or choose another --name"
             )
         try:
@@ -148,14 +148,14 @@ class Trainer:
             self.dist.barrier()
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write the run directory {d}: {os_error_line(e)}") from None
+            raise UserError(f"cannot write the run directory {d}: {os_reason(e)}") from None
 
     def _write_run_file(self, name: str, text: str) -> None:
         path = self.run_dir / name
         try:
             path.write_text(text)
         except OSError as e:
-            raise UserError(f"cannot write the run directory {self.run_dir}: {os_error_line(e)}") from None
+            raise UserError(f"cannot write the run directory {self.run_dir}: {os_reason(e)}") from None
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning for ``prompts``: each unique prompt encoded once, on its own (so its encoding
