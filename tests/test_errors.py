@@ -112,7 +112,7 @@ def test_debug_shows_the_traceback(capsys):
     assert rc == 2 and "Traceback" in err and err.strip().endswith("valid: a finite number > 0")
 
 
-@pytest.mark.parametrize("action", ["sigint", "sigterm"])
+@pytest.mark.parametrize("action", [pytest.param("sigint", marks=pytest.mark.slow), "sigterm"])
 def test_ctrl_c_and_sigterm_print_one_line(tmp_path, action):
     """Through the installed entry point: the run stops in iteration 1, checkpoints iteration 0, and
     prints one line saying so and how to resume; the resumed run finishes."""
