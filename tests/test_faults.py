@@ -214,7 +214,9 @@ def test_a_nan_loss_stops_before_the_step_and_rolls_back(tmp_path):
         return v
 
     model.velocity = poisoned
-    with pytest.raises(NonFiniteError, match=r"non-finite loss nan for sample \d+ at SDE step \d+; the optimizer step"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite loss nan for sample \d+ at SDE step \d+; the optimizer step is rolled back"
+    ):
         tr.run(progress=False)
     assert all(torch.equal(weights[k], v) for k, v in _state(tr).items())
     assert _checkpoint_bytes(d) == saved

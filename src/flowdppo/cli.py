@@ -122,7 +122,8 @@ def _guarded(command: str, fn, debug: bool) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug or _is_user_error(e) else " (rerun with --debug for the traceback)"
-        print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr, flush=True)
+        note = getattr(e, "flowdppo_note", None)  # what an interrupted run saved, and how to resume
+        print(f"{prog}: error: {one_line(e)}{hint}" + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
         return 2 if _is_user_error(e) else 1
     finally:
         if previous is not None:

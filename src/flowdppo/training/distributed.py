@@ -464,48 +464,19 @@ class Dist:
         self._engine.backward(loss * self.world, scale_wrt_gas=False)
         self._engine.step()  # only the last of the accumulation steps updates
 
-    def step(
-        self,
-        optimizer,
-        params: Sequence[nn.Parameter],
-        grad_clip: float,
-        nonfinite: torch.Tensor | None = None,
-        where=None,
-    ) -> float | torch.Tensor:
+    def step(self, optimizer, params: Sequence[nn.Parameter], grad_clip: float) -> float | torch.Tensor:
         """Sum the gradients over processes, clip their global norm, step; returns the norm before clipping
-        (a 0-d tensor where it is one, so that reading it does not wait for the device).
-
-        Guards (every process decides alike, one read of the device per step): a non-finite loss on any
-        process (``nonfinite``: its count; ``where()`` describes the first) or a non-finite gradient
-        norm raises :class:`~flowdppo.errors.NonFiniteError` *before* the optimizer step; weights that
-        are non-finite after the step raise it too (the trainer then rolls the iteration back)."""
-        from flowdppo.errors import NonFiniteError
-
+        (a 0-d tensor where it is one, so that reading it does not wait for the device). The non-finite
+        guards read their flags with the step's metrics (:func:`flowdppo.training.update.minibatch_step`)."""
         if self._engine is not None:
             norm = self._engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
-        flag = torch.zeros(1) if nonfinite is None else nonfinite.detach().float().reshape(1).cpu()
-        if self.active:
-            self.all_reduce_sum_(flag)
-            if not self._fsdp:
-                self.all_reduce_grads(params)
-        if flag.item() > 0:
-            optimizer.zero_grad(set_to_none=True)
-            here = where() if where is not None and nonfinite is not None and nonfinite.item() > 0 else None
-            raise NonFiniteError(f"non-finite loss {here or 'on another process'}; the optimizer step was not taken")
+        if self.active and not self._fsdp:
+            self.all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if _is_dtensor(norm):
             norm = norm.full_tensor()
-        local = [p.detach().to_local() if _is_dtensor(p) else p.detach() for p in params]
-        if not math.isfinite(float(norm)):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"non-finite gradient norm ({float(norm)}); the optimizer step was not taken")
         optimizer.step()
-        bad = torch.tensor([float(any(not torch.isfinite(x).all() for x in local))])
-        if self.active:
-            self.all_reduce_sum_(bad)
-        if bad.item() > 0:
-            raise NonFiniteError("the optimizer step made a weight non-finite (is train.lr too large?)")
         return norm.detach()
 
     # ------------------------------------------------------------------ checkpoints

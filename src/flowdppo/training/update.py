@@ -263,7 +263,13 @@ def minibatch_step(
             if v:
                 rec[k].append(torch.stack(v, 1))
     # gradients summed over processes; a non-finite loss or gradient norm raises before the step
-    grad_norm = dist.step(optimizer, params, t.grad_clip, nonfinite=nonfinite, where=lambda: _first_bad(losses))
+    grad_norm = dist.step(optimizer, params, t.grad_clip)
+    # guards, read with the metrics (one transfer): the trainer rolls a failed iteration back to its start
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    weights_bad = torch.stack([(~torch.isfinite(x)).any() for x in local]).any().float().to(nonfinite.device)
+    health = torch.stack([nonfinite.float(), weights_bad]).reshape(2)
+    if dist.active:
+        health = dist.all_reduce_sum_(health.cpu())
     # metrics of the whole mini-batch: one all-gather of this process's [b, S, k] columns (its share of
     # mb, contiguous, so the rank-ordered gather lists the samples of mb in order), one transfer
     local = torch.stack([torch.cat(rec[k], 0).float() for k in cols], -1)
@@ -285,7 +291,18 @@ def minibatch_step(
     with torch.no_grad():
         _, m = policy_loss(inp, spec, tensor_metrics=True)
     m["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32)
-    return metrics_to_floats(m)
+    m["_guard/loss"], m["_guard/weights"] = health[0], health[1]
+    out = metrics_to_floats(m)
+    bad_loss, bad_weights = out.pop("_guard/loss"), out.pop("_guard/weights")
+    from flowdppo.errors import NonFiniteError
+
+    if bad_loss > 0:
+        raise NonFiniteError(f"non-finite loss {_first_bad(losses)}; the optimizer step is rolled back")
+    if not math.isfinite(out["grad_norm"]):
+        raise NonFiniteError(f"non-finite gradient norm ({out['grad_norm']}); the optimizer step is rolled back")
+    if bad_weights > 0:
+        raise NonFiniteError("the optimizer step made a weight non-finite (is train.lr too large?)")
+    return out
 
 
 def _first_bad(losses: list[tuple[torch.Tensor, int, torch.Tensor]]) -> str:
