@@ -80,7 +80,7 @@ def test_each_bad_input_prints_its_one_line(line, message, tmp, capsys):
         if torch.cuda.is_available():
             pytest.skip("this machine has a CUDA GPU: model.device=cuda is valid here")
     rc, err = run_line(line, tmp, capsys)
-    lines = [ln for ln in err.splitlines() if ln.startswith("flowdppo")]  # log records may precede it
+    lines = [ln for ln in err.splitlines() if ln.startswith("flowdppo ")]  # log records may precede it
     assert "Traceback" not in err
     assert lines == [message.replace("{tmp}", str(tmp))], err
     assert rc == 2
