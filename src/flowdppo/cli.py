@@ -8,10 +8,16 @@ flowdppo report runs/<name>  # rebuild a run's report.md and plots
 flowdppo presets             # list the presets and what they set
 flowdppo bench losses        # Flow-DPPO vs PPO-clip loss time
 flowdppo bench speed         # per-phase time, FLOP/s vs peak, Flow-DPPO/Flow-GRPO ratio, memory per process
+flowdppo bench-real ...      # GPU benchmark of an SD3.5-sized transformer
 flowdppo reward-server       # serve a reward over HTTP (reward.name=http on the trainer side)
 
 ``flowdppo --threads N ...`` fixes the CPU thread count (default: the CPUs available, see
 :mod:`flowdppo.threads`; torch is imported only after the thread settings are chosen).
+
+Every error is one line, ``flowdppo <command>: error: ...``, with exit status 2 for a bad input and 1
+for any other failure; ``--debug`` (anywhere on the line, or ``FLOWDPPO_DEBUG=1``) adds the traceback.
+Ctrl-C and SIGTERM stop a training run at once; the completed iterations are checkpointed and the one
+line printed says how to resume (exit status 130).
 """
 
 from __future__ import annotations
@@ -19,28 +25,36 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import traceback
 
 import yaml
+
+# command -> (module with main(argv), help)
+DELEGATED: dict[str, tuple[str, str]] = {
+    "pretrain": ("flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
+    "sample": ("flowdppo.tools.sample", "sample images from a model (+ adapter)"),
+    "bench": ("flowdppo.tools.bench", "benchmarks (losses)"),
+    "bench-real": ("flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
+    "reward-server": ("flowdppo.rewards.http", "serve a reward over HTTP"),
+}
 
 
 def _train(args: argparse.Namespace) -> int:
     from flowdppo.config import ConfigError, load_config
     from flowdppo.training.trainer import Trainer, resume
 
-    try:
-        if args.resume:
-            if args.config or args.preset:
-                raise ConfigError("--resume takes the run's own config.yaml; pass changes with --set")
-            trainer = resume(args.resume, args.set)
-        else:
-            cfg = load_config(args.config, args.preset, args.set)
-            if args.name:
-                cfg.log.name = args.name
-            trainer = Trainer(cfg, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"flowdppo train: error: {e}", file=sys.stderr)
-        return 2
+    if args.resume:
+        if args.config or args.preset or args.name or args.overwrite:
+            raise ConfigError("--resume takes the run's own config.yaml and folder; pass changes with --set")
+        trainer = resume(args.resume, args.set)
+    else:
+        cfg = load_config(args.config, args.preset, args.set)
+        if args.name:
+            cfg.log.name = args.name
+        trainer = Trainer(cfg, overwrite=args.overwrite)
     run_dir = trainer.run()
     if trainer.dist.is_main:  # one line per run, not per process (torchrun / accelerate launch)
         print(f"run directory: {run_dir}")
@@ -50,8 +64,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowdppo.errors import UserError
     from flowdppo.report import write_report
 
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise UserError(f"{args.run_dir} is not a flowdppo run directory (no metrics.jsonl)")
     print(write_report(args.run_dir))
     return 0
 
@@ -63,18 +82,59 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        mod = importlib.import_module(module)
-        return mod.main(args.rest) or 0
+def _is_user_error(e: BaseException) -> bool:
+    from flowdppo.errors import UserError
 
-    return run
+    if isinstance(e, (UserError, yaml.YAMLError, UnicodeDecodeError, FileNotFoundError, IsADirectoryError)):
+        return True
+    return type(e).__name__ == "ConfigError"
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    from flowdppo.errors import Interrupted
+
+    raise Interrupted("SIGTERM")
+
+
+def _guarded(command: str, fn, debug: bool) -> int:
+    """Run ``fn()``; any failure becomes one line on stderr (and the traceback with ``--debug``)."""
+    from flowdppo.errors import one_line
+
+    prog = f"flowdppo {command}" if command else "flowdppo"
+    previous = None
+    if command == "train":
+        try:  # SIGTERM like Ctrl-C: the trainer checkpoints the completed iterations
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread
+            previous = None
+    try:
+        return int(fn() or 0)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        what = "terminated (SIGTERM)" if str(e) == "SIGTERM" else "interrupted"
+        note = getattr(e, "flowdppo_note", None)
+        print(f"{prog}: {what}" + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - the one place every error becomes one line
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or _is_user_error(e) else " (rerun with --debug for the traceback)"
+        note = getattr(e, "flowdppo_note", None)  # what an interrupted run saved, and how to resume
+        print(f"{prog}: error: {one_line(e)}{hint}" + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
+        return 2 if _is_user_error(e) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flowdppo", description="Online RL for flow-matching image generators (Flow-DPPO)."
+        prog="flowdppo",
+        description="Online RL for flow-matching image generators (Flow-DPPO).",
+        epilog="--debug (anywhere on the command line) prints the traceback of an error.",
     )
     p.add_argument(
         "--threads",
@@ -102,25 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=_presets)
 
-    for name, module, help_ in [
-        ("pretrain", "flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
-        ("sample", "flowdppo.tools.sample", "sample images from a model (+ adapter)"),
-        ("bench", "flowdppo.tools.bench", "benchmarks (losses, speed)"),
-        ("bench-real", "flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
-        ("reward-server", "flowdppo.rewards.http", "serve a reward over HTTP"),
-    ]:
-        d = sub.add_parser(name, help=help_, add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=_delegate(module))
+    for name, (_, help_) in DELEGATED.items():  # listed here; their own parsers take the arguments
+        sub.add_parser(name, help=help_ + f" (flowdppo {name} --help)", add_help=False)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLOWDPPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    n_threads = None  # the top-level --threads N (before the command)
+    while argv and (argv[0] == "--threads" and len(argv) > 1 or argv[0].startswith("--threads=")):
+        n_threads, argv = (argv[0].split("=", 1)[1], argv[1:]) if "=" in argv[0] else (argv[1], argv[2:])
     from flowdppo import threads
 
     try:  # before anything imports torch: OpenMP reads these once, when torch loads
-        threads.configure(args.threads)
+        threads.configure(n_threads)
     except ValueError as e:
-        p.error(f"--threads / {threads.ENV_THREADS}: {e}")
-    return int(args.func(args) or 0)
+        print(f"flowdppo: error: --threads / {threads.ENV_THREADS}: {e}", file=sys.stderr)
+        return 2
+    if argv and argv[0] in DELEGATED:
+        # the tool's own parser sees every argument (including --help); its prog is "flowdppo <name>"
+        module = DELEGATED[argv[0]][0]
+        rest = argv[1:]
+        return _guarded(argv[0], lambda: importlib.import_module(module).main(rest), debug)
+    args = _parser().parse_args(argv)
+    return _guarded(args.command, lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

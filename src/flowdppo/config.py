@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -138,6 +140,9 @@ class TrainConfig:
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
     # fsdp2 = fully_shard (full fine-tuning); deepspeed = ZeRO-2 via accelerate. Ignored in one process.
     sharding: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    # several processes: a collective that waits longer than this for another process (a stalled or dead
+    # rank) ends the job with an error naming the rank, instead of hanging
+    dist_timeout: float = 900.0
 
 
 @dataclass
@@ -262,6 +267,8 @@ RENAMED = {"algorithm.adv_clip": "algorithm.loss_adv_clip", "algorithm.advantage
 
 
 def _build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'the config'}: expected a mapping (a section of keys), got {data!r}")
     data = dict(data or {})
     for old, new in RENAMED.items():
         section, old_key = old.split(".")
@@ -302,17 +309,145 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"--set {item}: the key must be section.name, e.g. train.lr=1e-4")
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} was already set to a value")
         node[parts[-1]] = value
     return out
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# key -> (check, what is valid); None values pass where the field is optional
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "train.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "train.adam_eps": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.adam_betas": (
+        lambda v: len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+    ),
+    "train.grad_clip": (lambda v: _finite(v) and v > 0, "a finite number > 0 (the max gradient norm)"),
+    "train.seed": (lambda v: 0 <= v < 2**63, "an integer >= 0"),
+    "sampling.eta": (lambda v: _finite(v) and v > 0, "a finite number > 0 (RL needs stochastic steps)"),
+    "sampling.guidance_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
+    "sampling.shift": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "sampling.replay_tolerance": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "steps.start": (lambda v: _finite(v) and 0 <= v <= 1, "a fraction of the trajectory in [0, 1]"),
+    "steps.end": (lambda v: _finite(v) and 0 <= v <= 1, "a fraction of the trajectory in [0, 1]"),
+    "steps.num_sde_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "steps.window_stride": (lambda v: v >= 1, "an integer >= 1"),
+    "steps.window_every": (lambda v: v >= 1, "an integer >= 1 (iterations between window moves)"),
+    "algorithm.delta": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (the KL threshold)"),
+    "algorithm.clip_eps": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "algorithm.loss_adv_clip": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0, or null (off)"),
+    "algorithm.norm_adv_clip": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0, or null (off)"),
+    "algorithm.beta": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "reward.weights": (
+        lambda v: all(_finite(w) for w in v.values()) and any(w != 0 for w in v.values()),
+        "finite weights, at least one non-zero",
+    ),
+    "model.lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "model.lora_alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "model.lora_targets": (
+        lambda v: len(v) > 0 and all(isinstance(x, str) and x.strip() for x in v),
+        "a non-empty list of module names, e.g. [to_q, to_k, to_v, to_out.0]",
+    ),
+    "model.resolution": (lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    "model.max_sequence_length": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.every": (lambda v: v >= 0, "an integer >= 0 (0 = only before and after training)"),
+    "eval.num_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.grid_prompts": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.seed": (lambda v: 0 <= v < 2**63, "an integer >= 0"),
+    "eval.ratio_noise_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
+    "eval.ratio_noise_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "log.checkpoint_every": (lambda v: v >= 0, "an integer >= 0 (0 = only at the end and on interruption)"),
+    "train.dist_timeout": (lambda v: _finite(v) and v > 0, "a finite number of seconds > 0"),
+}
+
+
+def _check_values(cfg: Config) -> None:
+    """Every numeric value finite and in range (message: the key, the value, what is valid)."""
+    for key, (ok, valid) in _RANGES.items():
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section), name):
+            continue
+        value = _get_key(cfg, key)
+        if key.startswith("steps.window") and cfg.steps.strategy != "window":
+            continue
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+    if cfg.steps.start >= cfg.steps.end:
+        raise ConfigError(f"steps.start ({cfg.steps.start}) must be < steps.end ({cfg.steps.end})")
+    _check_device(cfg.model)
+    m = cfg.model
+    if m.path and m.family == "shapes" and not os.path.isdir(m.path):
+        raise ConfigError(
+            f"model.path={m.path!r} is not a folder; valid: a shapes model folder (flowdppo pretrain --out)"
+        )
+    if m.path and m.family != "shapes" and not os.path.exists(m.path) and not _looks_like_hub_id(m.path):
+        raise ConfigError(
+            f"model.path={m.path!r} does not exist; valid: a local diffusers folder or a hub id like org/name"
+        )
+    if cfg.train.group_size == 1 and not cfg.algorithm.stat_tracker:
+        log.warning(
+            "train.group_size=1: every group holds one sample, so every advantage is 0 and the run cannot learn; "
+            "use train.group_size >= 2 (or algorithm.stat_tracker=true)"
+        )
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and "\\" not in path
+
+
+def _check_device(m: ModelConfig) -> None:
+    """``model.device`` parses; half precision only where it computes (availability: :func:`check_device_available`)."""
+    import torch
+
+    try:
+        dev = torch.device(m.device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"model.device={m.device!r} is not a device; valid: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cpu" and m.dtype == "float16":
+        raise ConfigError(
+            "model.dtype='float16' is not valid on model.device=cpu (CPU half precision overflows to NaN); "
+            "valid: float32, bfloat16"
+        )
+
+
+def check_device_available(device: str) -> None:
+    """The device ``model.device`` names exists on this machine (checked where the model is built, so
+    a GPU config still loads on a laptop)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device!r} but torch sees no CUDA GPU on this machine; valid: cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"model.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+            f"valid: cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"model.device={device!r} but MPS is not available; valid: cpu")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a single field's type cannot express."""
+    _check_values(cfg)
     t, s = cfg.train, cfg.sampling
     positive = {
         "train.iterations": t.iterations,
@@ -438,6 +573,25 @@ def _check_registries(cfg: Config) -> None:
         )
 
 
+def check_reward_components(cfg: Config) -> None:
+    """``reward.weights`` names only components the configured reward declares (its factory's
+    ``components`` attribute); called where the reward is built from the config (a reward that
+    declares none is checked at the first rollout)."""
+    from flowdppo.rewards import REWARDS
+
+    try:
+        declared = getattr(REWARDS.get(cfg.reward.name), "components", None)
+    except RegistryError:
+        return
+    if declared:
+        missing = [k for k in cfg.reward.weights if k not in declared]
+        if missing:
+            raise ConfigError(
+                f"reward.weights names {missing[0]!r}, which reward {cfg.reward.name!r} does not return; "
+                f"valid: {', '.join(declared)}"
+            )
+
+
 def _warn_ignored(cfg: Config) -> list[str]:
     """Warn about knobs set away from their default that the chosen setting never reads."""
     warnings: list[str] = []
@@ -477,15 +631,40 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     return validate(cfg)
 
 
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path``; a missing, unreadable, binary or malformed file is a one-line
+    :class:`ConfigError` that names the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not a text file ({e.reason} at byte {e.start}); expected YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{what} {path} is not valid YAML{at}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{what} {path} must be a YAML mapping (sections model, train, ...); got {type(data).__name__}"
+        )
+    return data
+
+
 def load_config(path: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> Config:
     """Preset, then the YAML file, then ``--set`` overrides, validated."""
     data: dict[str, Any] = {}
     file_data: dict[str, Any] = {}
     if path:
-        with open(path) as f:
-            file_data = yaml.safe_load(f) or {}
-        if not isinstance(file_data, dict):
-            raise ConfigError(f"{path}: the config file must be a mapping")
+        file_data = read_yaml(path)
     set_data = parse_set(overrides or [])
     preset = preset or set_data.pop("preset", None) or file_data.get("preset") or "flow-dppo"
     if preset not in PRESETS:
@@ -498,11 +677,10 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: l
 
 def load_run_config(run_dir: str, overrides: list[str] | None = None) -> Config:
     """A run's resolved ``config.yaml`` with ``--set`` overrides (for ``--resume``), validated."""
-    import os
-
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is not a flowdppo run directory (no config.yaml)")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError(f"{run_dir} is not a flowdppo run directory (no config.yaml)")
+    data = read_yaml(path, "run config")
     return from_dict(_deep_merge(data, parse_set(overrides or [])))

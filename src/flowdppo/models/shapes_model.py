@@ -456,7 +456,17 @@ def build(cfg: Any) -> ShapesFlowModel:
         getattr(cfg, "path", None), device=getattr(cfg, "device", "cpu"), dtype=dtype
     )
     if getattr(cfg, "lora", True):
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
+        try:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
+        except ValueError as e:
+            if "not found" not in str(e):
+                raise
+            from flowdppo.config import ConfigError
+
+            raise ConfigError(
+                f"model.lora_targets {list(cfg.lora_targets)} matched no module of the shapes model; "
+                f"valid: module names such as {', '.join(DEFAULT_LORA_TARGETS)}"
+            ) from None
     else:
         model.enable_full_finetune()
     return model

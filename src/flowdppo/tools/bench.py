@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evidence_main(argv)
     p = argparse.ArgumentParser(
-        prog="python -m flowdppo.tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="flowdppo bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="what", required=True)
     lp = sub.add_parser("losses", help="Flow-DPPO vs PPO-clip loss time")

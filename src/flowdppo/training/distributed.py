@@ -41,6 +41,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -49,6 +50,13 @@ from torch import nn
 log = logging.getLogger("flowdppo")
 
 SHARDINGS = ("ddp", "fsdp2", "deepspeed")
+DEFAULT_TIMEOUT_S = 900.0  # train.dist_timeout's default
+
+
+class DistributedError(RuntimeError):
+    """A collective timed out or lost a peer; the message names this rank and the ranks behind it."""
+
+
 _BUCKET_ELEMS = 1 << 25  # 32 Mi elements per all-reduce of the ddp gradient sync
 
 
@@ -76,30 +84,42 @@ class Dist:
     _engine: Any = None  # the DeepSpeed engine (sharding == "deepspeed")
     _fsdp: bool = False  # fully_shard was applied
     _names: dict = field(default_factory=dict)  # id(sharded parameter) -> its name in model.module
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the process group's timeout (train.dist_timeout)
+    _seq: int = 0  # collectives this process has entered (published in the store: who is behind)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_env(cls, model_device: str = "cpu") -> Dist:
+    def from_env(cls, model_device: str = "cpu", timeout_s: float | None = None) -> Dist:
         """Join the process group that ``torchrun`` / ``accelerate launch`` describe (``WORLD_SIZE``,
         ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); one process when ``WORLD_SIZE`` is unset or 1.
 
         The backend is NCCL when the model runs on CUDA (each process then uses ``cuda:LOCAL_RANK``),
         else gloo. A process group that is already initialised (by accelerate, say) is reused.
+        ``timeout_s`` (``train.dist_timeout``; else ``FLOWDPPO_DIST_TIMEOUT``, else 900 s) bounds how
+        long a collective waits for the other processes: past it the job ends with a
+        :class:`DistributedError` that names the rank(s) that stopped arriving.
         """
         import torch.distributed as dist
 
+        from flowdppo.config import check_device_available
+
+        check_device_available(model_device)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("FLOWDPPO_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-            return cls()
+            return cls(timeout_s=timeout_s)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = str(model_device).startswith("cuda")
         if cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        d = cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+        d = cls(
+            rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device, timeout_s=timeout_s
+        )
         log.info("process %d of %d (local rank %d, %s)", d.rank, d.world, local_rank, dist.get_backend())
         return d
 
@@ -161,6 +181,52 @@ class Dist:
 
     # ------------------------------------------------------------------ collectives
 
+    def _store(self):
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return _get_default_store()
+        except Exception:  # noqa: BLE001 - no store (a group built without one): no rank in the message
+            return None
+
+    def _call(self, name: str, fn, *args):
+        """Run the collective ``fn(*args)``; a timeout or a lost peer becomes a :class:`DistributedError`
+        naming the processes that did not reach this collective (from the counters in the store)."""
+        self._seq += 1
+        store = self._store()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(f"flowdppo/seq/{self.rank}", f"{self._seq} {name}")
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            raise DistributedError(self._stall_message(name, e, store)) from e
+
+    def _stall_message(self, name: str, e: BaseException, store) -> str:
+        behind = []
+        for k in range(self.world):
+            if k == self.rank or store is None:
+                continue
+            try:
+                key = f"flowdppo/seq/{k}"
+                seq, what = store.get(key).decode().split(" ", 1) if store.check([key]) else ("0", "none")
+            except Exception:  # noqa: BLE001 - the store's host is gone too
+                continue
+            if int(seq) < self._seq:
+                behind.append(f"rank {k} (last at collective #{seq}, {what})")
+        text = " ".join(str(e).split())
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+        cause = f"waited more than {self.timeout_s:g} s" if timed_out else f"failed ({text[:200]})"
+        who = (
+            f"{', '.join(behind)} did not arrive: stalled or dead"
+            if behind
+            else "another process stopped or crashed (see its log)"
+        )
+        return (
+            f"rank {self.rank}: collective #{self._seq} ({name}) {cause}; {who}. "
+            f"train.dist_timeout={self.timeout_s:g} s sets the limit"
+        )
+
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.device).contiguous()
 
@@ -172,7 +238,7 @@ class Dist:
 
         src = self._to_comm(t)
         out = [torch.empty_like(src) for _ in range(self.world)]
-        dist.all_gather(out, src)
+        self._call("all_gather", dist.all_gather, out, src)
         return torch.cat(out).to(t.device)
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +247,7 @@ class Dist:
             import torch.distributed as dist
 
             buf = self._to_comm(t)
-            dist.all_reduce(buf)
+            self._call("all_reduce", dist.all_reduce, buf)
             if buf is not t:
                 t.copy_(buf)
         return t
@@ -195,7 +261,7 @@ class Dist:
         with torch.no_grad():
             for t in tensors:
                 buf = self._to_comm(t)
-                dist.broadcast(buf, src)
+                self._call("broadcast", dist.broadcast, buf, src)
                 if buf is not t:
                     t.copy_(buf)
 
@@ -206,14 +272,14 @@ class Dist:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        self._call("broadcast_object_list", dist.broadcast_object_list, box, 0)
         return box[0]
 
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
 
-            dist.barrier()
+            self._call("barrier", dist.barrier)
 
     def all_reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         """Sum the gradients of ``params`` over processes (flat buckets, one all-reduce each).
@@ -239,7 +305,7 @@ class Dist:
                     continue
                 if bucket:
                     flat = torch.cat([b.reshape(-1) for b in bucket]).to(self.device)
-                    dist.all_reduce(flat)
+                    self._call("all_reduce(gradients)", dist.all_reduce, flat)
                     off = 0
                     for b in bucket:
                         b.copy_(flat[off : off + b.numel()].view_as(b))
@@ -400,7 +466,8 @@ class Dist:
 
     def step(self, optimizer, params: Sequence[nn.Parameter], grad_clip: float) -> float | torch.Tensor:
         """Sum the gradients over processes, clip their global norm, step; returns the norm before clipping
-        (a 0-d tensor where it is one, so that reading it does not wait for the device)."""
+        (a 0-d tensor where it is one, so that reading it does not wait for the device). The non-finite
+        guards read their flags with the step's metrics (:func:`flowdppo.training.update.minibatch_step`)."""
         if self._engine is not None:
             norm = self._engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")

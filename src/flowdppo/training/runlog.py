@@ -18,21 +18,40 @@ log = logging.getLogger("flowdppo")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a ``.jsonl`` file (none if it is missing); a torn last line of an interrupted run
-    is skipped."""
+    """The records of a JSON-lines file; a torn last line (a run killed mid-write) is skipped with a
+    warning, a bad line elsewhere is an error naming the file and line."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
     out = []
-    if path.exists():
-        for ln in path.read_text().splitlines():
-            try:
-                out.append(json.loads(ln))
-            except json.JSONDecodeError:
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: ignoring a torn last line (line %d)", path, i + 1)
                 continue
+            from flowdppo.errors import UserError
+
+            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
     return out
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``records`` (through a temporary file renamed into place)."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -51,13 +70,15 @@ class RunLogger:
                 log.warning("TensorBoard disabled: %s", e)
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop lines of iterations > ``iteration`` (a resumed run rewrites them)."""
-        if not self.path.exists():
-            return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        """Drop lines of iterations > ``iteration`` (a resumed run rewrites them); a torn last line goes too."""
+        for path, first in ((self.path, 0), (self.eval_path, -1)):
+            if path.exists():
+                write_jsonl(path, [r for r in read_jsonl(path) if first <= r.get("iteration", first) <= iteration])
+
+    def restore(self, records: dict[str, list[dict[str, Any]]]) -> None:
+        """Rewrite ``metrics.jsonl`` and ``eval.jsonl`` as they were at a checkpoint (its saved records)."""
+        write_jsonl(self.path, records.get("metrics", []))
+        write_jsonl(self.eval_path, records.get("eval", []))
 
     def write(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path, record)
@@ -87,6 +108,9 @@ class NullLogger:
         pass
 
     def truncate_after(self, iteration: int) -> None:
+        pass
+
+    def restore(self, records: dict) -> None:
         pass
 
     def close(self) -> None:

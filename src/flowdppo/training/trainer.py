@@ -29,21 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowdppo.config import Config, ConfigError
+from flowdppo.config import Config, ConfigError, check_reward_components
 from flowdppo.core import advantages as adv_lib
 from flowdppo.core.losses import LossSpec
 from flowdppo.core.steps import StepSelection
+from flowdppo.errors import NonFiniteError, UserError, one_line, os_reason
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
 from flowdppo.rewards import build_eval_reward, build_reward
 from flowdppo.rewards.overlap import ChunkScorer
 from flowdppo.training import checkpoint as ckpt
-from flowdppo.training import update
+from flowdppo.training import faults, update
 from flowdppo.training.distributed import Dist, enable_gradient_checkpointing
 from flowdppo.training.evaluation import Evaluator, ratio_noise
 from flowdppo.training.prompts import prompt_source
 from flowdppo.training.rollout import Trajectories, rollout, sampling_schedule
-from flowdppo.training.runlog import Progress, mean_metrics, run_logger
+from flowdppo.training.runlog import Progress, mean_metrics, read_jsonl, run_logger
 
 log = logging.getLogger("flowdppo")
 
@@ -55,6 +56,21 @@ def _seed_for(seed: int, iteration: int, stream: int) -> int:
 
 def _gen(seed: int, iteration: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed_for(seed, iteration, stream))
+
+
+def check_rewards(rewards: dict[str, torch.Tensor], prompts: Sequence[str], it: int) -> None:
+    """Every reward component finite and one value per sample, else an error naming the component and
+    the sample (before any optimizer step of the iteration)."""
+    for k, v in rewards.items():
+        if v.shape != (len(prompts),):
+            raise ValueError(f"reward component {k!r} has shape {list(v.shape)}, expected [{len(prompts)}]")
+        bad = (~torch.isfinite(v)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise NonFiniteError(
+                f"reward component {k!r} is {float(v[i])} for sample {i} (prompt {prompts[i]!r}) of iteration {it}"
+                f" ({len(bad)} non-finite in all); no optimizer step was taken"
+            )
 
 
 class Trainer:
@@ -74,20 +90,20 @@ class Trainer:
         eval_sets: dict[str, list[str]] | None = None,
         overwrite: bool = False,
         dist: Dist | None = None,
+        resuming: bool = False,
     ):
         self.cfg, s, t, a = cfg, cfg.sampling, cfg.train, cfg.algorithm
         # several processes (torchrun / accelerate launch): see flowdppo.training.distributed; one process by default
-        self.dist = dist if dist is not None else Dist.from_env(cfg.model.device)
+        self.dist = dist if dist is not None else Dist.from_env(cfg.model.device, t.dist_timeout)
         self.dist.check_batch(t.prompts_per_iter * t.group_size, t.minibatch_size)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.log.run_dir) / cfg.log.name
-        if self.dist.is_main and self.run_dir.exists() and any(self.run_dir.iterdir()) and overwrite:
-            shutil.rmtree(self.run_dir)
-        self.dist.barrier()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_run_dir(overwrite, resuming)
         torch.manual_seed(t.seed)
         if model is None:
             model = build_model(dataclasses.replace(cfg.model, device=self.dist.model_device(cfg.model.device)))
         self.model = model
+        if reward_fn is None:
+            check_reward_components(cfg)  # reward.weights against the components the reward declares
         cache: dict = {}  # components with the same name and args are one instance (training and evaluation)
         self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward, cache)
         self.eval_reward_fn = build_eval_reward(cfg.reward, cache) or self.reward_fn
@@ -106,23 +122,49 @@ class Trainer:
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
         self.iteration = 0  # completed iterations
         self.history: list[dict[str, Any]] = []
+        # the log lines written so far, saved with each checkpoint: a resumed run rewrites its logs from them
+        self.records: dict[str, list[dict[str, Any]]] = {"metrics": [], "eval": []}
         self.logger = run_logger(self.run_dir, cfg.log.tensorboard, self.dist.is_main)
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if self.dist.is_main and not resuming:
+            self._write_run_file("config.yaml", cfg.to_yaml())
         self._prompt_cache: dict[str, Cond] = {}
         self.evaluator = Evaluator.for_run(
             cfg, self.model, self.sigmas, self.encode, self.eval_reward_fn, source, self.dist
         )
 
+    def _prepare_run_dir(self, overwrite: bool, resuming: bool) -> None:
+        """Create the run directory; an existing non-empty one is refused unless ``--overwrite``
+        (replaced) or ``--resume`` (continued): two runs never mix in one folder."""
+        d = self.run_dir
+        used = self.dist.from_main(d.is_dir() and any(d.iterdir()))
+        if used and not (overwrite or resuming):
+            raise UserError(
+                f"run directory {d} already holds a run; continue it with flowdppo train --resume {d}, "
+                "replace it with --overwrite, or choose another --name"
+            )
+        try:
+            if self.dist.is_main and used and overwrite and not resuming:
+                shutil.rmtree(d)
+            self.dist.barrier()
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {d}: {os_reason(e)}") from None
+
+    def _write_run_file(self, name: str, text: str) -> None:
+        path = self.run_dir / name
+        try:
+            path.write_text(text)
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {self.run_dir}: {os_reason(e)}") from None
+
     def encode(self, prompts: Sequence[str]) -> Cond:
-        """Conditioning for ``prompts`` (each unique prompt encoded once and cached)."""
+        """Conditioning for ``prompts``: each unique prompt encoded once, on its own (so its encoding
+        never depends on which prompts it came with: a resumed run is bit-exact), and cached."""
         g = self.cfg.sampling.guidance_scale
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            with torch.no_grad():
-                enc = self.model.encode_prompts(missing, g).to("cpu")
-            for i, p in enumerate(missing):
-                self._prompt_cache[p] = enc.index([i])
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                with torch.no_grad():
+                    self._prompt_cache[p] = self.model.encode_prompts([p], g).to("cpu")
         return Cond.cat([self._prompt_cache[p] for p in prompts])
 
     # ------------------------------------------------------------------ one iteration
@@ -135,6 +177,7 @@ class Trainer:
         Returns ``(trajectories, advantages [B], reward metrics, timing)``."""
         cfg, t = self.cfg, self.cfg.train
         timing: dict[str, float] = {}
+        faults.at("rollout", it)
         tic = time.perf_counter()
         sde_steps = self.step_sel.select(cfg.sampling.num_steps, t.seed, it)
         rng = np.random.default_rng(_seed_for(t.seed, it if prompt_iteration is None else prompt_iteration, 0))
@@ -183,6 +226,8 @@ class Trainer:
         # 2. rewards, joined (gathered: advantages see the whole batch, identically on every process)
         tic = time.perf_counter()
         rewards = {k: self.dist.all_gather_cat(v) for k, v in scorer.join().items()}
+        faults.at("reward", it)
+        check_rewards(rewards, prompts, it)
         adv, reward_metrics = self.advantages(prompts, group_ids, rewards)
         timing["time/reward"] = time.perf_counter() - tic
         return traj, adv, reward_metrics, timing
@@ -194,6 +239,7 @@ class Trainer:
         sde_steps = traj.sde_steps
 
         # 3. anchor: the rollout's own values or a replay in the micro-batches of the first epoch
+        faults.at("anchor", it)
         tic = time.perf_counter()
         perms = [torch.randperm(len(traj), generator=_gen(t.seed, it, 2 + e)) for e in range(t.inner_epochs)]
         anchor = self.anchor(traj, perms[0])
@@ -209,6 +255,8 @@ class Trainer:
         for perm in perms:
             for mb in perm.split(t.minibatch_size):
                 mb_metrics.append(self.train_minibatch(traj, mb, adv, anchor))
+                if len(mb_metrics) == 1:
+                    faults.at("train", it)  # after the first optimizer step: a half-updated model
         timing["time/train"] = time.perf_counter() - tic
 
         metrics: dict[str, Any] = {"iteration": it, "sde_steps": sde_steps}
@@ -275,17 +323,36 @@ class Trainer:
     def image_grid(self, path: Path, n_prompts: int | None = None, n_seeds: int = 4) -> Path | None:
         return self.evaluator.grid(path, n_prompts, n_seeds)
 
-    def save_checkpoint(self, sync: bool = True) -> Path:
-        """``checkpoints/ckpt-<iteration>`` (:func:`checkpoint.save_checkpoint`); every process calls it."""
+    def save_checkpoint(self, sync: bool = True, snap: ckpt.Snapshot | None = None) -> Path:
+        """``checkpoints/ckpt-<iteration>`` (:func:`checkpoint.save_checkpoint`); every process calls it.
+        ``snap``: write that boundary snapshot instead of the live state."""
         parts = (self.dist, self.model, self.params, self.optimizer, self.tracker)
-        return ckpt.save_checkpoint(self.run_dir, *parts, self.iteration, self.history, sync)
+        return ckpt.save_checkpoint(
+            self.run_dir, *parts, self.iteration, self.history, sync, records=self.records, snap=snap
+        )
 
     def load_checkpoint(self, path: Path | None = None) -> int:
-        """Restore ``path`` (default: the latest checkpoint); returns the completed iterations."""
-        path = ckpt.latest_checkpoint(self.run_dir) if path is None else path
+        """Restore ``path`` (default: the latest complete checkpoint, else the one before it when that is
+        corrupt); returns the completed iterations. The logs are rewritten as they were at that checkpoint."""
+        candidates = [Path(path)] if path is not None else ckpt.find_loadable(self.run_dir)
         parts = (self.dist, self.model, self.params, self.optimizer, self.tracker)
-        self.iteration, self.history = ckpt.load_checkpoint(path, *parts)
-        self.logger.truncate_after(self.iteration - 1)
+        for i, p in enumerate(candidates):
+            try:
+                self.iteration, self.history, records = ckpt.load_checkpoint_records(p, *parts)
+                break
+            except UserError as e:
+                if i == len(candidates) - 1:
+                    raise
+                log.warning("%s; resuming from %s instead", e, candidates[i + 1].name)
+        if records:
+            self.records = {k: list(v) for k, v in records.items()}
+            self.logger.restore(self.records)
+        else:  # a checkpoint from before the records were saved: trim the files
+            self.logger.truncate_after(self.iteration - 1)
+            self.records = {
+                "metrics": read_jsonl(self.run_dir / "metrics.jsonl"),
+                "eval": read_jsonl(self.run_dir / "eval.jsonl"),
+            }
         return self.iteration
 
     # ------------------------------------------------------------------ the loop
@@ -293,35 +360,57 @@ class Trainer:
     def run(self, progress: bool | None = None, stop_after: int | None = None) -> Path:
         """Train until ``train.iterations`` (or ``stop_after`` more iterations); returns the run dir.
 
-        On an interruption the finished iterations are checkpointed before the error propagates.
+        Iterations are atomic. Each starts from a snapshot of the boundary state; its metrics and
+        evaluation are computed first and committed together (the iteration count, the history and
+        the log lines), then written. On any interruption (Ctrl-C, SIGTERM via the CLI, an exception)
+        the model is rolled back to the last boundary and that boundary is checkpointed, so a resumed
+        run continues exactly where the uninterrupted one would be; after SIGKILL the previous
+        checkpoint holds, and resuming from it rewrites the logs from the lines saved with it.
         """
         cfg = self.cfg
         end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.iteration + stop_after)
         show = (cfg.log.progress if progress is None else progress) and self.dist.is_main
         bar = Progress(show, cfg.train.iterations, self.iteration)
+        snap: ckpt.Snapshot | None = None
+        committed = True  # the live state is an iteration boundary
         try:
-            if self.iteration == 0 and self.eval_sets:
-                if not self.dist.from_main((self.run_dir / "eval.jsonl").exists()):
-                    self._log_eval(-1)
-                    self.image_grid(self.run_dir / "grid_before.png")
+            pre_eval = any(r.get("iteration") == -1 for r in self.records["eval"])
+            if self.iteration == 0 and self.eval_sets and not self.dist.from_main(pre_eval):
+                snap = self._snapshot()
+                committed = False
+                self._log_eval(-1)
+                self.image_grid(self.run_dir / "grid_before.png")
+                committed = True
             while self.iteration < end:
                 it = self.iteration
+                snap = self._snapshot()
+                committed = False
                 m = self.iteration_step(it)
-                self.iteration = it + 1
-                if self._eval_due():
+                done = it + 1
+                every = cfg.eval.every
+                evaluating = bool(self.eval_sets) and every > 0 and (done % every == 0 or done == cfg.train.iterations)
+                res = None
+                if evaluating:
+                    faults.at("eval", it)
                     tic = time.perf_counter()
-                    m.update(self._log_eval(it))
+                    res = self.evaluate()
+                    m.update(res)
                     m["time/eval"] = time.perf_counter() - tic
-                self.logger.write(m)
+                # commit: the iteration is complete in memory; from here on the live state is its boundary
+                self.iteration = done
                 self.history.append({k: v for k, v in m.items() if not k.startswith("ratio_noise/")})
+                self.records["metrics"].append(m)
+                if res is not None:
+                    self.records["eval"].append({"iteration": it, **res})
+                committed = True
+                if res is not None:
+                    self.logger.write_eval(it, res)
+                self.logger.write(m)
                 if cfg.log.checkpoint_every and self.iteration % cfg.log.checkpoint_every == 0:
                     self.save_checkpoint()
                 bar.update(m)
-        except BaseException:
-            # several processes: the others may be gone, so only rank 0 of a DDP run saves, without barriers
-            if self.iteration > 0 and (not self.dist.active or (self.dist.is_main and self.dist.sharding == "ddp")):
-                self.save_checkpoint(sync=not self.dist.active)
-                log.warning("interrupted: iterations 0..%d checkpointed in %s", self.iteration - 1, self.run_dir)
+        except BaseException as e:
+            self._on_failure(e, None if committed else snap)
             raise
         finally:
             bar.close()
@@ -329,6 +418,49 @@ class Trainer:
             self.finish()
         self.logger.close()
         return self.run_dir
+
+    def _snapshot(self) -> ckpt.Snapshot | None:
+        if not ckpt.can_snapshot(self.dist):
+            return None
+        parts = (self.dist, self.model, self.optimizer, self.tracker)
+        return ckpt.snapshot(*parts, self.iteration, self.history, self.records)
+
+    def _on_failure(self, e: BaseException, snap: ckpt.Snapshot | None) -> None:
+        """Roll an interrupted iteration back to its start and checkpoint the last boundary; the note
+        attached to ``e`` (``flowdppo_note``) says what was saved and how to resume."""
+        if snap is not None:
+            ckpt.restore(snap, self.model, self.optimizer, self.tracker)
+            self.iteration, self.history = snap.iteration, list(snap.history)
+            self.records = {k: list(v) for k, v in snap.records.items()}
+        # several processes: the others may be gone, so only rank 0 of a DDP run saves, without barriers
+        can_save = not self.dist.active or (self.dist.is_main and self.dist.sharding == "ddp")
+        note = None
+        root = self.run_dir / "checkpoints"
+        if can_save:
+            name = f"ckpt-{self.iteration:06d}"
+            latest = root / "latest"
+            have = (
+                latest.exists()
+                and latest.read_text().strip() == name
+                and (root / name) in ckpt.complete_checkpoints(root)
+            )
+            try:
+                if not have:  # the rolled-back snapshot, or the live state of a committed boundary
+                    self.save_checkpoint(sync=not self.dist.active, snap=snap)
+                    have = True
+            except BaseException as save_error:  # noqa: BLE001 - report the first failure, keep the old checkpoint
+                note = f"could not checkpoint ({one_line(save_error)}); the previous checkpoint is kept"
+            if have and note is None:
+                done = f"iterations 0..{self.iteration - 1}" if self.iteration else "no iteration"
+                note = f"{done} checkpointed in {root / name}; continue with: flowdppo train --resume {self.run_dir}"
+        elif self.dist.is_main:
+            note = "the last periodic checkpoint is kept (sharded runs do not save on interruption)"
+        if note:
+            log.debug("interrupted: %s", note)
+            try:
+                e.flowdppo_note = note
+            except AttributeError:  # pragma: no cover - exceptions without a __dict__
+                log.warning("interrupted: %s", note)
 
     def finish(self) -> None:
         """After the last iteration: checkpoint, the grid after training, the exported adapter, the report."""
@@ -351,6 +483,7 @@ class Trainer:
 
     def _log_eval(self, it: int) -> dict[str, Any]:
         res = self.evaluate()
+        self.records["eval"].append({"iteration": it, **res})
         self.logger.write_eval(it, res)
         return res
 
@@ -360,6 +493,6 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] | None = None, **kwa
     from flowdppo.config import load_run_config
 
     cfg = load_run_config(str(run_dir), overrides)
-    trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
+    trainer = Trainer(cfg, run_dir=run_dir, resuming=True, **kwargs)
     trainer.load_checkpoint()
     return trainer

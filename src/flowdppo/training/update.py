@@ -219,6 +219,9 @@ def minibatch_step(
     cols = ("logp_new", "kl", "log_ratio") + (("kl_ref",) if spec.needs_reference else ())
     rec: dict[str, list[torch.Tensor]] = {k: [] for k in (*cols, "mean_new")}
     dev = model.device
+    # non-finite loss entries, counted on the device (no wait); Dist.step reads the count before stepping
+    nonfinite = torch.zeros((), device=dev)
+    losses: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for micro in dist.split(mb).split(t.micro_batch_size):
         per_step: dict[str, list[torch.Tensor]] = {k: [] for k in rec}
         for j in range(s):
@@ -246,6 +249,8 @@ def minibatch_step(
                 exact_log_ratio=log_ratio[:, None],
             )
             loss, _ = policy_loss(inp, spec, tensor_metrics=True)  # metrics come once, after the step
+            nonfinite = nonfinite + (~torch.isfinite(loss.detach())).sum()
+            losses.append((micro, traj.sde_steps[j], loss.detach()))
             dist.backward(reduce_loss(loss, n_entries))
             per_step["logp_new"].append(out.log_prob.detach())
             per_step["kl"].append(kl.detach())
@@ -257,7 +262,14 @@ def minibatch_step(
         for k, v in per_step.items():
             if v:
                 rec[k].append(torch.stack(v, 1))
-    grad_norm = dist.step(optimizer, params, t.grad_clip)  # gradients summed over processes
+    # gradients summed over processes; a non-finite loss or gradient norm raises before the step
+    grad_norm = dist.step(optimizer, params, t.grad_clip)
+    # guards, read with the metrics (one transfer): the trainer rolls a failed iteration back to its start
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    weights_bad = torch.stack([(~torch.isfinite(x)).any() for x in local]).any().float().to(nonfinite.device)
+    health = torch.stack([nonfinite.float(), weights_bad]).reshape(2)
+    if dist.active:
+        health = dist.all_reduce_sum_(health.cpu())
     # metrics of the whole mini-batch: one all-gather of this process's [b, S, k] columns (its share of
     # mb, contiguous, so the rank-ordered gather lists the samples of mb in order), one transfer
     local = torch.stack([torch.cat(rec[k], 0).float() for k in cols], -1)
@@ -279,4 +291,25 @@ def minibatch_step(
     with torch.no_grad():
         _, m = policy_loss(inp, spec, tensor_metrics=True)
     m["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32)
-    return metrics_to_floats(m)
+    m["_guard/loss"], m["_guard/weights"] = health[0], health[1]
+    out = metrics_to_floats(m)
+    bad_loss, bad_weights = out.pop("_guard/loss"), out.pop("_guard/weights")
+    from flowdppo.errors import NonFiniteError
+
+    if bad_loss > 0:
+        raise NonFiniteError(f"non-finite loss {_first_bad(losses)}; the optimizer step is rolled back")
+    if not math.isfinite(out["grad_norm"]):
+        raise NonFiniteError(f"non-finite gradient norm ({out['grad_norm']}); the optimizer step is rolled back")
+    if bad_weights > 0:
+        raise NonFiniteError("the optimizer step made a weight non-finite (is train.lr too large?)")
+    return out
+
+
+def _first_bad(losses: list[tuple[torch.Tensor, int, torch.Tensor]]) -> str:
+    """``value for sample i at SDE step k``: the first non-finite loss entry (read only after a failure)."""
+    for micro, step, loss in losses:
+        bad = (~torch.isfinite(loss)).flatten(1).any(1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            return f"{float(loss.flatten(1)[row].sum())} for sample {int(micro[row])} at SDE step {step}"
+    return "on another process"
