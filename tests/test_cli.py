@@ -121,7 +121,7 @@ def _serve_and_score(argv: list[str], cwd: Path) -> None:
         m = re.search(r"http://[\d.]+:(\d+)", line)
         assert m, line
         out = HTTPReward(f"http://127.0.0.1:{m.group(1)}")(["a red circle", "two squares"], torch.zeros(2, 3, 32, 32))
-        assert set(out) == {"strict", "soft", "quality"} and out["strict"].shape == (2,)
+        assert set(out) == {"strict", "soft", "quality", "tifa_atom", "tifa_prompt"} and out["strict"].shape == (2,)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
