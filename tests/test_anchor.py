@@ -63,6 +63,18 @@ def test_auto_anchor_falls_back_to_replay_when_the_check_disagrees(tmp_path, cap
     assert m1["anchor/reused"] == 0.0 and "anchor/fallback" not in m1
 
 
+def test_a_fallback_survives_resume(tmp_path):
+    extra = ["train.anchor=auto", "train.anchor_check_samples=2", "log.checkpoint_every=1"]
+    tr = _trainer(tmp_path, extra, "resume-fallback", BatchDependentToy(0))
+    tr.run(progress=False, stop_after=1)
+    assert tr.history[0]["anchor/fallback"] == 1.0 and tr.reuse_anchor is False
+    again = _trainer(tmp_path, extra + ["train.iterations=2"], "resume-fallback-2", BatchDependentToy(0))
+    again.run_dir = tr.run_dir
+    assert again.reuse_anchor is True
+    again.load_checkpoint()
+    assert again.iteration == 1 and again.reuse_anchor is False  # the resumed run keeps replaying
+
+
 def test_rollout_anchor_warns_when_the_check_disagrees(tmp_path, caplog):
     tr = _trainer(tmp_path, ["train.anchor=rollout", "train.anchor_check_samples=2"], "roll", BatchDependentToy(0))
     with caplog.at_level(logging.WARNING, logger="flowdppo"):

@@ -51,7 +51,13 @@ def http_reward(url: str | None = None, **kwargs) -> RewardFn:
     return HTTPReward(url, **kwargs)
 
 
-shapes_reward.components = ("strict", "soft", "quality", "tifa_atom", "tifa_prompt")  # declared: reward.weights is checked at start
+shapes_reward.components = (
+    "strict",
+    "soft",
+    "quality",
+    "tifa_atom",
+    "tifa_prompt",
+)  # declared: reward.weights is checked at start
 
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward", "reward.name")
 REWARDS.register("shapes", shapes_reward)

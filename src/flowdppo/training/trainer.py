@@ -353,6 +353,9 @@ class Trainer:
                 "metrics": read_jsonl(self.run_dir / "metrics.jsonl"),
                 "eval": read_jsonl(self.run_dir / "eval.jsonl"),
             }
+        # an auto anchor that fell back to replay before the checkpoint keeps replaying after it
+        if any(h.get("anchor/fallback") for h in self.history):
+            self.reuse_anchor = False
         return self.iteration
 
     # ------------------------------------------------------------------ the loop

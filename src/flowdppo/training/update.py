@@ -144,7 +144,8 @@ def anchor(
         return replay_anchor(model, kernel, dist, cfg, traj, perm)
     out = rollout_anchor(kernel, traj)
     if cfg.train.anchor_check_samples > 0:
-        d_logp, d_mean = check_anchor(model, kernel, cfg, traj, perm)
+        # every process must take the same branch (a replay exchanges data): rank 0's measurement decides
+        d_logp, d_mean = dist.from_main(check_anchor(model, kernel, cfg, traj, perm))
         out["metrics"].update({"replay/logp_abs_diff_max": d_logp, "anchor/check_mean_abs_diff_max": d_mean})
         tol = cfg.sampling.replay_tolerance
         if d_logp > tol:
