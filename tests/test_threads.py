@@ -17,7 +17,7 @@ def test_configure_sets_only_what_is_unset():
     n = threads.available_cpus()
     env: dict[str, str] = {}
     assert threads.configure(environ=env) == env
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+    assert env == {"GOMP_SPINCOUNT": "10000", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
     env = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
     threads.configure(environ=env)
@@ -61,7 +61,8 @@ def _cli_then_torch(args: list[str], env_extra: dict[str, str]) -> dict:
         f"rc = cli.main({args!r})\n"
         "import torch\n"
         "print(json.dumps({'rc': rc, 'threads': torch.get_num_threads(),"
-        " 'env': {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS')}}))\n"
+        " 'env': {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'OMP_NUM_THREADS',"
+        " 'MKL_NUM_THREADS') if k in os.environ}}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -71,7 +72,7 @@ def _cli_then_torch(args: list[str], env_extra: dict[str, str]) -> dict:
 def test_cli_sets_thread_environment_before_torch_only_when_unset():
     n = threads.available_cpus()
     res = _cli_then_torch(["presets"], {})
-    assert res["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+    assert res["env"] == {"GOMP_SPINCOUNT": "10000", "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
     assert res["threads"] == n
     res = _cli_then_torch(["presets"], {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})
     assert res["env"] == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -6,8 +6,11 @@ cores are also used by other processes, the spinning threads compete with those 
 each other, and an iteration can become ten times slower instead of twice. :func:`configure` picks,
 before torch loads its thread pools (they read the environment once, when the library loads):
 
-- ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep instead of spinning), unless the user set
-  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``;
+- ``GOMP_SPINCOUNT=10000`` (idle workers spin briefly, then sleep), unless the user set
+  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. On the shapes demo geometry (2 cores) this kept a quiet
+  machine's iteration within ~7% of the default spinning (2.77 s vs 2.60 s) where ``PASSIVE`` cost
+  ~40% (3.72 s), and with a competing 2-thread matmul loop it ran 7.8 s against 16.3 s at a spin
+  count of 100000 (``PASSIVE``: 5.7 s); docs/BENCHMARKS.md, "CPU threads";
 - ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) = the CPUs this process may actually run on (its CPU
   affinity, capped by a cgroup CPU quota such as a container's), unless the user set them (an unset
   ``MKL_NUM_THREADS`` follows a user's ``OMP_NUM_THREADS``). An explicit
@@ -28,6 +31,7 @@ from collections.abc import MutableMapping
 ENV_THREADS = "FLOWDPPO_THREADS"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SPIN_COUNT = "10000"  # spin this many times before sleeping: near full speed when quiet, no collapse when busy
 
 
 def available_cpus() -> int:
@@ -94,7 +98,7 @@ def configure(threads: str | int | None = None, environ: MutableMapping[str, str
     explicit = parse_threads(threads) if threads is not None else parse_threads(env.get(ENV_THREADS))
     changed: dict[str, str] = {}
     if not any(env.get(k) for k in WAIT_VARS):
-        changed["OMP_WAIT_POLICY"] = "PASSIVE"
+        changed["GOMP_SPINCOUNT"] = SPIN_COUNT
     # an explicit count, else the user's OMP_NUM_THREADS (MKL follows it), else the CPUs available
     n = explicit if explicit is not None else (_user_threads(env.get("OMP_NUM_THREADS")) or available_cpus())
     for k in THREAD_VARS:
