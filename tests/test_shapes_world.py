@@ -300,6 +300,22 @@ def test_splits_disjoint_and_ood_unseen():
         S.sample_prompt(np.random.default_rng(0), "counting", "ood")
 
 
+def test_position_eval_has_no_swapped_twin_in_training():
+    """A held-out position string's same-words twin (objects swapped, opposite layout) is held out too, so
+    word order must be learnt; every pair and every relation word is still trained, in both orders."""
+    train, ev = S.prompt_pool("position", "train"), S.prompt_pool("position", "eval")
+    train_keys = {(p.shapes, p.relation) for p in train}
+    for p in ev:
+        assert (p.shapes[::-1], p.relation) not in train_keys
+        assert (p.shapes[::-1], p.relation) in {(q.shapes, q.relation) for q in ev}
+    for rel in S.RELATIONS:
+        assert sum(p.relation == rel for p in train) >= 4
+    for pair in itertools.combinations(S.SHAPES, 2):
+        orders = {p.shapes for p in train if set(p.shapes) == set(pair)}
+        assert orders == {pair, pair[::-1]}
+    assert len(ev) == 6 and len(train) == 18
+
+
 def test_prompt_sets_deterministic_and_balanced():
     a, b, c = S.prompt_sets(seed=0), S.prompt_sets(seed=0), S.prompt_sets(seed=1)
     assert a == b and a["train"] != c["train"]

@@ -50,6 +50,14 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("gr
 
 EVAL_FRACTION = 0.25  # share of a category's strings held out for "eval" ...
 MIN_SPLIT = 8  # ... when it has at least this many strings (else train and eval share them)
+# Position's eval split: for each shape pair one relation word, held out in *both* word orders, so the
+# training split never holds a held-out string's swapped twin (same words, opposite layout); each pair
+# keeps three relation words and each of these words two other pairs, in both orders, for training.
+HELDOUT_RELATIONS: dict[frozenset[str], str] = {
+    frozenset({"circle", "square"}): "left",
+    frozenset({"circle", "triangle"}): "above",
+    frozenset({"square", "triangle"}): "below",
+}
 POS_THRESHOLD = 0.1  # GenEval-style relation margin, in units of the two objects' extents
 # detector thresholds (colour distances are Euclidean in RGB [0, 1])
 TAU_RES = 0.2  # max distance of a pixel from its colour's segment
@@ -613,6 +621,9 @@ def prompt_pool(category: str, split: str = "train") -> tuple[Prompt, ...]:
     if category not in CATEGORIES:
         raise ValueError(f"category {category!r} is not in split {split!r}; valid: {', '.join(CATEGORIES)}")
     pool = [p for p in _enumerate(category) if not _heldout(p)]
+    if category == "position":
+        chosen = {p for p in pool if HELDOUT_RELATIONS[frozenset(p.shapes)] == p.relation}
+        return tuple(p for p in pool if (p in chosen) == (split == "eval"))
     if len(pool) < MIN_SPLIT:
         return tuple(pool)
     ranked = sorted(pool, key=lambda p: zlib.crc32(p.text.encode()))
