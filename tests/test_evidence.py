@@ -1,5 +1,7 @@
 """The evidence bench's harness: runs, resumes, exports and aggregates (a smaller --quick)."""
 
+import json
+
 import yaml
 
 from flowdppo.tools import evidence
@@ -35,6 +37,24 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     assert (
         len({(c["train"]["prompts_per_iter"], c["train"]["group_size"], c["train"]["iterations"]) for c in cfgs}) == 1
     )
+
+    # committed exports carry a finished plan across machines: without the run directories nothing reruns
+    assert all(r["complete"] and len(r["fingerprint"]) == 16 for r in records)
+    import shutil
+
+    shutil.rmtree(out)
+    assert evidence.run_plan(plan, progress=False, results=results) and not out.exists()
+    # ... but an export of another configuration is stale
+    other = evidence.Plan(out=out, parts=["methods"], seeds=[0, 1], quick=True, extra=["train.lr=1e-4"])
+    s0 = evidence._settings()["methods"][0]
+    assert evidence.exported(plan, results, s0, 0) and not evidence.exported(other, results, s0, 0)
+    # an unfinished export is not reused nor aggregated
+    p = evidence.export_path(results, s0, 0)
+    rec = json.loads(p.read_text())
+    p.write_text(json.dumps({**rec, "complete": False}))
+    assert not evidence.exported(plan, results, s0, 0)
+    assert len(evidence.load_exports(results)) == 3 and len(evidence.load_exports(results, complete_only=False)) == 4
+    p.write_text(json.dumps(rec))
 
     doc = evidence.write_results(results, tmp_path / "RESULTS.md", tmp_path / "figures")
     text = doc.read_text()

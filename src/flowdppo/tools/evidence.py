@@ -26,6 +26,7 @@ Parts (the paper's figure or table each stands for):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -206,10 +207,38 @@ def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path) -> list[str
     return cmd
 
 
-def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
-    """Run (or resume) every run of the plan that is not finished; ``jobs`` runs at a time, one thread each
-    when ``jobs > 1``. Each run's output goes to ``<run_dir>.log``. Returns the run directories."""
-    todo = [(s, seed, d) for s, seed, d in plan.runs() if run_state(d) != "done"]
+def fingerprint(plan: Plan, s: Setting, seed: int) -> str:
+    """What a run's result depends on: its preset and overrides (the bench's and the user's) and the
+    shipped model's weights. An export with another fingerprint is stale and is rerun."""
+    from flowdppo.models.shapes_model import ASSET_DIR
+
+    h = hashlib.sha256()
+    h.update(json.dumps([s.preset, plan.overrides(s, seed, Path("-"))]).encode())
+    for f in sorted(ASSET_DIR.glob("*")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def export_path(results: Path, s: Setting, seed: int) -> Path:
+    return results / "raw" / s.part / s.name / f"seed{seed}.json"
+
+
+def exported(plan: Plan, results: Path | None, s: Setting, seed: int) -> bool:
+    """A finished run of this configuration is already exported to ``results`` (e.g. committed by an
+    earlier session): the bench need not run it again, even without its run directory."""
+    if results is None or not export_path(results, s, seed).exists():
+        return False
+    rec = json.loads(export_path(results, s, seed).read_text())
+    return bool(rec.get("complete")) and rec.get("fingerprint") == fingerprint(plan, s, seed)
+
+
+def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | None = None) -> list[Path]:
+    """Run (or resume) every run of the plan that is not finished (nor, with ``results``, exported there
+    by a finished run of the same configuration); ``jobs`` runs at a time, one thread each when
+    ``jobs > 1``. Each run's output goes to ``<run_dir>.log``. Returns the run directories."""
+    todo = [
+        (s, seed, d) for s, seed, d in plan.runs() if run_state(d) != "done" and not exported(plan, results, s, seed)
+    ]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -260,7 +289,7 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def export_run(run_dir: Path, setting: Setting, seed: int) -> dict[str, Any]:
+def export_run(run_dir: Path, setting: Setting, seed: int, fingerprint: str = "") -> dict[str, Any]:
     """The compact record of one run: its evaluation lines and a thinned set of per-iteration metrics."""
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")
@@ -278,25 +307,33 @@ def export_run(run_dir: Path, setting: Setting, seed: int) -> dict[str, Any]:
         "preset": setting.preset,
         "overrides": list(setting.overrides),
         "seed": seed,
+        "complete": run_state(run_dir) == "done",
+        "fingerprint": fingerprint,
         "evals": evals,
         "metrics": keep,
     }
 
 
 def export_plan(plan: Plan, results: Path) -> list[Path]:
+    """Export every run of the plan that has a run directory (a finished export of the same configuration
+    is kept: an unfinished rerun never replaces it). Returns the paths of the plan's exports."""
     paths = []
     for s, seed, d in plan.runs():
-        if not (d / "metrics.jsonl").exists():
-            continue
-        p = results / "raw" / s.part / s.name / f"seed{seed}.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(export_run(d, s, seed), separators=(",", ":")))
-        paths.append(p)
+        p = export_path(results, s, seed)
+        if (d / "metrics.jsonl").exists() and not (exported(plan, results, s, seed) and run_state(d) != "done"):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(export_run(d, s, seed, fingerprint(plan, s, seed)), separators=(",", ":")))
+            os.replace(tmp, p)
+        if p.exists():
+            paths.append(p)
     return paths
 
 
-def load_exports(results: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((results / "raw").glob("*/*/seed*.json"))]
+def load_exports(results: Path, complete_only: bool = True) -> list[dict[str, Any]]:
+    """The exported runs (by default only finished ones: a partial run's last evaluation is not its end)."""
+    recs = [json.loads(p.read_text()) for p in sorted((results / "raw").glob("*/*/seed*.json"))]
+    return [r for r in recs if r.get("complete", True) or not complete_only]
 
 
 def final_scores(rec: dict[str, Any]) -> dict[str, float]:
@@ -682,8 +719,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(out=out, parts=parts, seeds=list(range(args.seeds)), quick=args.quick, extra=list(args.set))
     if not args.report:
         tic = time.perf_counter()
-        run_plan(plan, jobs=args.jobs)
-        export_plan(plan, results)
+        try:
+            run_plan(plan, jobs=args.jobs, results=results)
+        finally:  # what finished is kept even when the bench is interrupted
+            export_plan(plan, results)
         print(f"bench: {len(plan.runs())} runs finished in {(time.perf_counter() - tic) / 60:.1f} min")
     path = write_results(results, doc, doc.parent / "figures" if not args.quick else out / "figures")
     print(f"results: {path}")
