@@ -92,3 +92,33 @@ def test_minibatch_metrics_are_the_loss_functions_on_the_whole_minibatch(tmp_pat
     assert set(expected) <= set(m)
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("n,m", [(128, 64), (12, 4), (48, 16)])
+def test_minibatch_permutation_balances_every_process_share(n, m):
+    """Each mini-batch is one sample of every run of n/m consecutive samples, listed in run order, so for
+    every process count N dividing m its j-th 1/N holds only (and as many of) process j's samples."""
+    from flowdppo.training.update import minibatch_permutation, spread_subsample
+
+    g = torch.Generator().manual_seed(0)
+    perm = minibatch_permutation(n, m, g)
+    assert sorted(perm.tolist()) == list(range(n))
+    assert not torch.equal(perm, minibatch_permutation(n, m, g))  # random: another epoch, another order
+    for world in (w for w in (1, 2, 4) if m % w == 0):
+        share = n // world
+        for mb in perm.split(m):
+            for j, part in enumerate(mb.split(m // world)):
+                assert ((part >= j * share) & (part < (j + 1) * share)).all()
+        for want in (1, 3, m // 2, m + 5, 0):
+            sub = spread_subsample(perm, m, want, world)
+            assert len(sub) >= min(want or n, n) and len(set(sub.tolist())) == len(sub)
+            counts = [int(((sub >= j * share) & (sub < (j + 1) * share)).sum()) for j in range(world)]
+            assert len(set(counts)) == 1, (want, world, counts)
+
+
+def test_trajectories_refuse_samples_held_elsewhere(tmp_path):
+    tr = make(tmp_path)
+    traj, _, _, _ = _batch(tr)
+    assert torch.equal(traj.rows(traj.local_indices), torch.arange(traj.local_size))
+    with pytest.raises(IndexError, match="not all held here"):
+        traj.rows(torch.tensor([0, len(traj)]))

@@ -7,13 +7,19 @@ the same batch, to float tolerance:
 - Every process draws the iteration's randomness for the *whole* batch from the same seeded CPU
   generators (prompts, initial and SDE noise, the permutations); each rolls out only its contiguous
   ``B / N`` samples (:meth:`Dist.share`), so one prompt's group may span processes.
-- Rewards and trajectories are all-gathered: advantages are computed on the whole batch, identically
-  on every process, and a group split across processes is normalised as one group.
-- Each mini-batch of the global permutation is split in ``N`` equal contiguous shares
-  (:meth:`Dist.split`); a process back-propagates ``loss.sum() / (entries of the whole mini-batch)``
-  for its share and the gradients are **summed** over processes, so the step does not depend on ``N``.
-- Per-entry tensors are all-gathered for the metrics, so every process (and rank 0's log) sees
-  whole-batch numbers. Only rank 0 writes files.
+- Samples stay where they were rolled out: a process keeps its own trajectories, scores them, holds
+  their anchor means and trains on them (:class:`~flowdppo.training.rollout.Trajectories` holds this
+  process's share and maps global sample indices to its rows). Only per-sample scalars travel: the
+  rewards are all-gathered so that advantages are computed on the whole batch, identically on every
+  process (a group split across processes is normalised as one group), and the anchor's log-probs and
+  stds ``[B, S]`` are exchanged the same way.
+- Each mini-batch of an epoch's order (:func:`~flowdppo.training.update.minibatch_permutation`) takes
+  the same number of samples from every process's share, listed by process, so its ``N`` contiguous
+  shares (:meth:`Dist.split`) are each process's own samples. A process back-propagates
+  ``loss.sum() / (entries of the whole mini-batch)`` for its share and the gradients are **summed**
+  over processes, so the step does not depend on ``N``.
+- Per-entry scalars (log-probs, KL, log-ratios) are all-gathered once per optimizer step for the
+  metrics, so every process (and rank 0's log) sees whole-batch numbers. Only rank 0 writes files.
 
 Sharding (``train.sharding``):
 
@@ -312,29 +318,6 @@ class Dist:
                         off += b.numel()
                 if g is not None:
                     bucket, size = [g], g.numel()
-
-    # ------------------------------------------------------------------ trajectories
-
-    def gather_trajectories(self, part, prompts: Sequence[str], group_ids: torch.Tensor, cond):
-        """The whole batch's :class:`~flowdppo.training.rollout.Trajectories` from every process's part
-        (tensors stay on the device the part is on: the CPU with ``train.trajectories_on_cpu``)."""
-        if not self.active:
-            return part
-        from flowdppo.training.rollout import Trajectories
-
-        g = self.all_gather_cat
-        return Trajectories(
-            list(prompts),
-            group_ids,
-            cond,
-            part.sigmas,
-            list(part.sde_steps),
-            g(part.latents),
-            g(part.next_latents),
-            g(part.log_probs),
-            g(part.means),
-            g(part.final),
-        )
 
     # ------------------------------------------------------------------ the model and the step
 

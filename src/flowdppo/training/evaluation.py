@@ -153,19 +153,21 @@ class Evaluator:
 def ratio_noise(
     model: FlowModel, kernel: Kernel, traj: Trajectories, anchor: dict, n: int, guidance_scale: float
 ) -> dict[str, float]:
-    """Old means (the anchor) against the updated policy on the first ``n`` stored actions, per SDE step:
-    ``ratio_noise/step<k>/<stat>`` (measured mean and std of the exact log-ratio, its predicted std
-    ``sqrt(2 KL)``, the median ratio and the fractions a PPO clip of 0.2 would cut)."""
-    idx = torch.arange(min(n, len(traj)))
+    """Old means (the anchor) against the updated policy on the first ``n`` stored actions this process
+    holds (with several processes the trainer logs rank 0's), per SDE step: ``ratio_noise/step<k>/<stat>``
+    (measured mean and std of the exact log-ratio, its predicted std ``sqrt(2 KL)``, the median ratio and
+    the fractions a PPO clip of 0.2 would cut)."""
+    idx = traj.local_indices[:n]
+    rows = traj.rows(idx)
     model.module.eval()
     mean_new = torch.stack(
         [replay_step(model, kernel, traj, idx, j, guidance_scale).mean.cpu() for j in range(len(traj.sde_steps))], 1
     )
     stats = ratio_noise_report(
-        anchor["means"][idx].cpu(),
+        anchor["means"][rows].cpu(),
         mean_new,
         anchor["std"][idx],
-        traj.next_latents[idx].cpu(),
+        traj.next_latents[rows].cpu(),
         clip_eps=0.2,
         reduction="sum",
         step_indices=traj.sde_steps,

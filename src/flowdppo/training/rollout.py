@@ -22,28 +22,58 @@ from flowdppo.models.base import Cond, FlowModel
 
 @dataclass
 class Trajectories:
-    """A rollout batch. ``latents``/``next_latents``/``means``: ``[B, S, C, H, W]``; ``log_probs``: ``[B, S]``."""
+    """A rollout batch of ``B`` samples, of which this process holds ``b`` (all of them in one process).
+
+    ``prompts`` and ``group_ids`` describe the whole batch (global sample indices ``0 .. B-1``); the tensors
+    hold only this process's samples ``offset .. offset + b - 1``, the contiguous share it rolled out:
+    ``latents``/``next_latents``/``means`` ``[b, S, C, H, W]``, ``log_probs`` ``[b, S]``, ``final``
+    ``[b, C, H, W]``, ``cond`` ``[b]``. Index them with :meth:`rows` of global indices.
+    """
 
     prompts: list[str]
     group_ids: torch.Tensor  # [B] prompt index of each sample
-    cond: Cond  # [B] conditioning (already one row per sample)
+    cond: Cond  # [b] conditioning (already one row per sample)
     sigmas: torch.Tensor  # [N + 1]
     sde_steps: list[int]  # the S step indices
     latents: torch.Tensor
     next_latents: torch.Tensor
     log_probs: torch.Tensor
     means: torch.Tensor
-    final: torch.Tensor  # [B, C, H, W]
+    final: torch.Tensor
+    offset: int = 0  # global index of this process's first sample
 
     def __post_init__(self) -> None:
-        b, s = len(self.prompts), len(self.sde_steps)
-        assert self.group_ids.shape == (b,), self.group_ids.shape
+        n, b, s = len(self.prompts), self.latents.shape[0], len(self.sde_steps)
+        assert self.group_ids.shape == (n,), self.group_ids.shape
+        assert 0 <= self.offset and self.offset + b <= n, (self.offset, b, n)
         assert self.latents.shape[:2] == (b, s) and self.next_latents.shape == self.latents.shape
         assert self.means.shape == self.latents.shape and self.log_probs.shape == (b, s)
         assert self.final.shape[0] == b and self.cond.batch_size == b
 
     def __len__(self) -> int:
+        """``B``, the whole batch's size (:attr:`local_size` is this process's)."""
         return len(self.prompts)
+
+    @property
+    def local_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def local_indices(self) -> torch.Tensor:
+        """The global indices of the samples this process holds."""
+        return torch.arange(self.offset, self.offset + self.local_size)
+
+    def owns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Mask of the global indices ``idx`` that this process holds."""
+        return (idx >= self.offset) & (idx < self.offset + self.local_size)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of the stored tensors for global sample indices ``idx`` (all held by this process)."""
+        if len(idx) and not bool(self.owns(idx).all()):
+            raise IndexError(
+                f"samples {idx.tolist()} are not all held here ({self.offset}..{self.offset + self.local_size - 1})"
+            )
+        return idx - self.offset
 
 
 @torch.no_grad()
@@ -139,10 +169,11 @@ def rollout(
         first: dict[int, int] = {}
         noise = noise[[first.setdefault(int(g), i) for i, g in enumerate(group_ids.tolist())]]
     noise, step_noise = noise[part], step_noise[part]
-    prompts, group_ids, cond = list(prompts)[part], group_ids[part], cond.index(part)
+    cond = cond.index(part)
+    n_local = part.stop - part.start
     chunks: list[dict[str, torch.Tensor]] = []
-    for start in range(0, len(prompts), batch_size):
-        idx = slice(start, min(start + batch_size, len(prompts)))
+    for start in range(0, n_local, batch_size):
+        idx = slice(start, min(start + batch_size, n_local))
         out = sample(
             model,
             kernel,
@@ -160,7 +191,7 @@ def rollout(
             on_chunk(idx, out)
     cat = {k: torch.cat([ch[k] for ch in chunks], 0) for k in chunks[0]}
     return Trajectories(
-        prompts,
+        list(prompts),
         group_ids,
         cond,
         sigmas,
@@ -170,25 +201,28 @@ def rollout(
         cat["log_probs"],
         cat["means"],
         cat["final"],
+        offset=part.start,
     )
 
 
 def replay_step(
     model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch.Tensor, j: int, guidance_scale: float
 ) -> StepOutput:
-    """Score stored SDE step ``j`` (column of ``traj``) for samples ``idx`` under the current weights.
+    """Score stored SDE step ``j`` (column of ``traj``) for samples ``idx`` (global indices held by this
+    process) under the current weights.
 
     Runs with whatever grad mode the caller set. Returns the kernel's output: ``mean`` ``[b, C, H, W]``,
     ``std`` and ``log_prob`` ``[b]``.
     """
     dev = model.device
     k = traj.sde_steps[j]
-    x = traj.latents[idx, j].to(dev)
+    r = traj.rows(idx)
+    x = traj.latents[r, j].to(dev)
     b = x.shape[0]
     s = sigma_batch(traj.sigmas[k], b, dev)
     sn = sigma_batch(traj.sigmas[k + 1], b, dev)
-    v = model.velocity(x, s, traj.cond.index(idx).to(dev), guidance_scale)
-    return kernel.step(v, x, s, sn, prev_sample=traj.next_latents[idx, j].to(dev))
+    v = model.velocity(x, s, traj.cond.index(r).to(dev), guidance_scale)
+    return kernel.step(v, x, s, sn, prev_sample=traj.next_latents[r, j].to(dev))
 
 
 @torch.no_grad()

@@ -220,7 +220,6 @@ class Trainer:
         except BaseException:
             scorer.close()
             raise
-        traj = self.dist.gather_trajectories(traj, prompts, group_ids, cond)
         timing["time/rollout"] = time.perf_counter() - tic
 
         # 2. rewards, joined (gathered: advantages see the whole batch, identically on every process)
@@ -241,7 +240,10 @@ class Trainer:
         # 3. anchor: the rollout's own values or a replay in the micro-batches of the first epoch
         faults.at("anchor", it)
         tic = time.perf_counter()
-        perms = [torch.randperm(len(traj), generator=_gen(t.seed, it, 2 + e)) for e in range(t.inner_epochs)]
+        perms = [
+            update.minibatch_permutation(len(traj), t.minibatch_size, _gen(t.seed, it, 2 + e))
+            for e in range(t.inner_epochs)
+        ]
         anchor = self.anchor(traj, perms[0])
         if anchor["metrics"].get("anchor/fallback"):
             self.reuse_anchor = False
@@ -295,12 +297,11 @@ class Trainer:
         return t.log_ref_kl and not self.loss_spec.needs_reference and t.ref_kl_every > 0 and it % t.ref_kl_every == 0
 
     def reference_kl(self, traj: Trajectories, perm: torch.Tensor, anchor: dict) -> dict[str, float]:
-        """KL of the anchor to the reference policy on ``train.ref_kl_samples`` samples of ``perm``
-        (all with 0; a multiple of the process count) (:func:`update.reference_kl`)."""
-        b, world = len(traj), self.dist.world
-        n = min(self.cfg.train.ref_kl_samples or b, b)
-        n = max(world, n - n % world)
-        return update.reference_kl(self.model, self.kernel, self.dist, self.cfg, traj, perm[:n], anchor)
+        """KL of the anchor to the reference policy on about ``train.ref_kl_samples`` samples of ``perm``
+        (all with 0), as many on every process (:func:`update.reference_kl`)."""
+        t = self.cfg.train
+        idx = update.spread_subsample(perm, t.minibatch_size, t.ref_kl_samples, self.dist.world)
+        return update.reference_kl(self.model, self.kernel, self.dist, self.cfg, traj, idx, anchor)
 
     def train_minibatch(self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict) -> dict:
         """Step 4: one optimizer step on samples ``mb`` (:func:`update.minibatch_step`)."""
@@ -312,7 +313,7 @@ class Trainer:
     def ratio_noise(self, traj: Trajectories, anchor: dict) -> dict[str, float]:
         """docs/flow-dppo.md, section "Ratio noise", on the live run (:func:`evaluation.ratio_noise`)."""
         n, g = self.cfg.eval.ratio_noise_samples, self.cfg.sampling.guidance_scale
-        return ratio_noise(self.model, self.kernel, traj, anchor, n, g)
+        return self.dist.from_main(ratio_noise(self.model, self.kernel, traj, anchor, n, g))
 
     # ------------------------------------------------------------------ evaluation, checkpoints
 

@@ -60,12 +60,32 @@ def reuse_anchor(cfg: Config, model: FlowModel) -> bool:
     return mode == "rollout"
 
 
+def minibatch_permutation(n: int, minibatch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order of the ``n`` samples: ``n / minibatch_size`` mini-batches, concatenated.
+
+    The batch is cut into ``minibatch_size`` runs of ``k = n / minibatch_size`` consecutive samples, and each
+    mini-batch takes one sample of every run (an independent random assignment per run), listed in run
+    order. So each mini-batch holds the same share of every contiguous part of the batch: with ``N``
+    processes (``minibatch_size`` a multiple of ``N``), the ``j``-th ``1/N`` of each mini-batch is exactly
+    among the samples process ``j`` rolled out (:meth:`Trajectories.rows`), and no sample moves between
+    processes. The order does not depend on ``N``, so an update is the same on 1 or N processes. Groups
+    are spread evenly over the mini-batches (consecutive samples of a group go to different ones).
+    """
+    if n % minibatch_size:
+        return torch.randperm(n, generator=generator)  # validated away for training; kept for direct calls
+    k = n // minibatch_size
+    pick = torch.stack([torch.randperm(k, generator=generator) for _ in range(minibatch_size)])  # [m, k]
+    runs = torch.arange(minibatch_size)[:, None] * k
+    return (runs + pick).T.reshape(-1)
+
+
 @torch.no_grad()
 def replay_anchor(
     model: FlowModel, kernel: Kernel, dist: Dist, cfg: Config, traj: Trajectories, perm: torch.Tensor
 ) -> dict[str, Any]:
-    """Frozen old log-probs, means and stds ``[B, S(, ...)]`` from a no-grad replay at the current
-    weights in the first epoch's micro-batches (so the first mini-batch starts at ratio 1 and KL 0)."""
+    """Frozen old log-probs and stds ``[B, S]`` (the whole batch) and means ``[b, S, ...]`` (this process's
+    samples, rows as in ``traj``) from a no-grad replay at the current weights in the first epoch's
+    micro-batches (so the first mini-batch starts at ratio 1 and KL 0)."""
     t, g = cfg.train, cfg.sampling.guidance_scale
     b, s = len(traj), len(traj.sde_steps)
     dev = "cpu" if t.trajectories_on_cpu else model.device
@@ -78,12 +98,13 @@ def replay_anchor(
             for j in range(s):
                 out = replay_step(model, kernel, traj, micro, j, g)
                 logp[micro, j] = out.log_prob.cpu()
-                means[micro, j] = out.mean.to(dev)
+                means[traj.rows(micro), j] = out.mean.to(dev)
                 std[micro, j] = out.std.cpu()
-    # each process filled its shares (zeros elsewhere): the sum is the whole batch's anchor
-    for x in (logp, means, std):
+    # each process filled its samples' scalars (zeros elsewhere): the sum is the whole batch's; the means
+    # stay with the process that holds the samples
+    for x in (logp, std):
         dist.all_reduce_sum_(x)
-    diff = float((logp - traj.log_probs.cpu()).abs().max())
+    diff = float(dist.all_gather_cat((logp - global_log_probs(dist, traj)).abs().amax().reshape(1)).max())
     tol = cfg.sampling.replay_tolerance
     if diff > tol:
         log.warning(
@@ -100,27 +121,35 @@ def replay_anchor(
     }
 
 
-def rollout_anchor(kernel: Kernel, traj: Trajectories) -> dict[str, Any]:
-    """The anchor taken from the rollout itself: its log-probs and means (no forward), the kernel's std."""
+def global_log_probs(dist: Dist, traj: Trajectories) -> torch.Tensor:
+    """The rollout log-probs of the whole batch ``[B, S]`` (every process's share, gathered: scalars only)."""
+    return dist.all_gather_cat(traj.log_probs.cpu())
+
+
+def rollout_anchor(kernel: Kernel, dist: Dist, traj: Trajectories) -> dict[str, Any]:
+    """The anchor taken from the rollout itself: its log-probs (the whole batch's) and means (this
+    process's samples; no forward), the kernel's std."""
     b = len(traj)
     std = torch.stack(
         [kernel.std(traj.sigmas[k], traj.sigmas[k + 1], batch=b, device="cpu") for k in traj.sde_steps], 1
     )
-    return {"logp": traj.log_probs.cpu(), "means": traj.means, "std": std, "metrics": {"anchor/reused": 1.0}}
+    logp = global_log_probs(dist, traj)
+    return {"logp": logp, "means": traj.means, "std": std, "metrics": {"anchor/reused": 1.0}}
 
 
 @torch.no_grad()
 def check_anchor(
-    model: FlowModel, kernel: Kernel, cfg: Config, traj: Trajectories, perm: torch.Tensor
+    model: FlowModel, kernel: Kernel, dist: Dist, cfg: Config, traj: Trajectories, perm: torch.Tensor
 ) -> tuple[float, float]:
-    """Replay the first ``train.anchor_check_samples`` samples of the first micro-batch at the first trained
-    step; the largest absolute differences from the rollout's log-probs and means."""
-    n = min(cfg.train.anchor_check_samples, len(traj))
-    idx = perm[:n]
+    """Replay the first ``train.anchor_check_samples`` samples of this process's share of the first
+    mini-batch at the first trained step; the largest absolute differences from the rollout's log-probs
+    and means."""
+    idx = dist.split(perm[: cfg.train.minibatch_size])[: cfg.train.anchor_check_samples]
+    r = traj.rows(idx)
     model.module.eval()
     out = replay_step(model, kernel, traj, idx, 0, cfg.sampling.guidance_scale)
-    d_logp = (out.log_prob.cpu() - traj.log_probs[idx, 0].cpu()).abs().max()
-    d_mean = (out.mean - traj.means[idx, 0].to(out.mean.device)).abs().max().cpu()
+    d_logp = (out.log_prob.cpu() - traj.log_probs[r, 0].cpu()).abs().max()
+    d_mean = (out.mean - traj.means[r, 0].to(out.mean.device)).abs().max().cpu()
     return float(d_logp), float(d_mean)
 
 
@@ -142,10 +171,10 @@ def anchor(
     """
     if not reuse:
         return replay_anchor(model, kernel, dist, cfg, traj, perm)
-    out = rollout_anchor(kernel, traj)
+    out = rollout_anchor(kernel, dist, traj)
     if cfg.train.anchor_check_samples > 0:
         # every process must take the same branch (a replay exchanges data): rank 0's measurement decides
-        d_logp, d_mean = dist.from_main(check_anchor(model, kernel, cfg, traj, perm))
+        d_logp, d_mean = dist.from_main(check_anchor(model, kernel, dist, cfg, traj, perm))
         out["metrics"].update({"replay/logp_abs_diff_max": d_logp, "anchor/check_mean_abs_diff_max": d_mean})
         tol = cfg.sampling.replay_tolerance
         if d_logp > tol:
@@ -173,24 +202,41 @@ def reference_kl(
     model: FlowModel, kernel: Kernel, dist: Dist, cfg: Config, traj: Trajectories, idx: torch.Tensor, anchor: dict
 ) -> dict[str, float]:
     """KL of the anchor policy to the reference policy on samples ``idx`` (a diagnostic at beta = 0):
-    ``kl_ref`` and ``kl_ref/step<k>``. The processes share the forwards (``len(idx)`` a multiple of the
-    number of processes)."""
+    ``kl_ref`` and ``kl_ref/step<k>``. Each process measures the samples of ``idx`` it holds (pick ``idx``
+    with :func:`spread_subsample`, which gives every process the same number)."""
     t, g = cfg.train, cfg.sampling.guidance_scale
     s = len(traj.sde_steps)
     kl = torch.zeros(len(idx), s)
     model.module.eval()
-    for pos in dist.split(torch.arange(len(idx))).split(t.micro_batch_size):
+    for pos in torch.nonzero(traj.owns(idx)).flatten().split(t.micro_batch_size):
         ids = idx[pos]
         for j in range(s):
             with model.disable_adapter():
                 ref = replay_step(model, kernel, traj, ids, j, g)
-            mean = anchor["means"][ids, j].to(ref.mean.device)
+            mean = anchor["means"][traj.rows(ids), j].to(ref.mean.device)
             kl[pos, j] = kernel.kl(mean, ref.mean, anchor["std"][ids, j].to(ref.mean.device)).cpu()
     dist.all_reduce_sum_(kl)
     m = {"kl_ref": float(kl.mean())}
     for j, k in enumerate(traj.sde_steps):
         m[f"kl_ref/step{k}"] = float(kl[:, j].mean())
     return m
+
+
+def spread_subsample(perm: torch.Tensor, minibatch_size: int, n: int, parts: int = 1) -> torch.Tensor:
+    """At least ``n`` samples of an epoch order (:func:`minibatch_permutation`), spread so that each of
+    ``parts`` contiguous shares of the batch (one per process) holds the same number: whole mini-batches,
+    then every ``k``-th sample of the next one (``k`` the largest power of two dividing
+    ``minibatch_size / parts`` that still leaves ``n``). All when ``n`` is 0 or at least the batch."""
+    if n <= 0 or n >= len(perm):
+        return perm
+    full, rest = divmod(n, minibatch_size)
+    out = [perm[: full * minibatch_size]]
+    if rest:
+        k, share = 1, minibatch_size // parts
+        while share % (2 * k) == 0 and minibatch_size // (2 * k) >= rest:
+            k *= 2
+        out.append(perm[full * minibatch_size : (full + 1) * minibatch_size][::k])
+    return torch.cat(out)
 
 
 def minibatch_step(
@@ -227,10 +273,11 @@ def minibatch_step(
         per_step: dict[str, list[torch.Tensor]] = {k: [] for k in rec}
         for j in range(s):
             out = replay_step(model, kernel, traj, micro, j, g)
-            mean_old = anchor["means"][micro, j].to(dev)
+            rows = traj.rows(micro)
+            mean_old = anchor["means"][rows, j].to(dev)
             std = anchor["std"][micro, j].to(dev)
             kl = kernel.kl(out.mean.detach(), mean_old, std)
-            log_ratio = kernel.log_ratio(traj.next_latents[micro, j].to(dev), out.mean, mean_old, std)
+            log_ratio = kernel.log_ratio(traj.next_latents[rows, j].to(dev), out.mean, mean_old, std)
             kl_ref = None
             if spec.needs_reference:
                 with torch.no_grad(), model.disable_adapter():
@@ -276,14 +323,18 @@ def minibatch_step(
     local = torch.stack([torch.cat(rec[k], 0).float() for k in cols], -1)
     whole = dist.all_gather_cat(local).cpu()
     cat = {k: whole[..., i] for i, k in enumerate(cols)}
-    mean_new = dist.all_gather_cat(torch.cat(rec["mean_new"], 0)).cpu() if spec.needs_means else None
+    # (a trust region that reads the means, GRPO-Guard, has them gathered for its metrics)
+    mean_new = mean_old = None
+    if spec.needs_means:
+        mean_new = dist.all_gather_cat(torch.cat(rec["mean_new"], 0)).cpu()
+        mean_old = dist.all_gather_cat(anchor["means"][traj.rows(dist.split(mb))].to(dev)).cpu()
     inp = LossInputs(
         logp_new=cat["logp_new"],
         logp_old=anchor["logp"][mb],
         adv=adv[mb],
         kl=cat["kl"],
         mean_new=mean_new,
-        mean_old=anchor["means"][mb].cpu() if spec.needs_means else None,
+        mean_old=mean_old,
         std=anchor["std"][mb],
         dt=torch.stack([traj.sigmas[k] - traj.sigmas[k + 1] for k in traj.sde_steps]).float().expand(len(mb), s),
         kl_ref=cat.get("kl_ref"),
