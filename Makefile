@@ -29,7 +29,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/flowdppo train --name $(RUN) --overwrite
+	$(VENV)/bin/flowdppo train --config configs/shapes_demo.yaml --name $(RUN) --overwrite
 	@echo "Report: runs/$(RUN)/report.md"
 
 bench: setup

@@ -100,7 +100,9 @@ class AlgorithmConfig:
 class RewardConfig:
     name: str = "shapes"  # a registered reward (flowdppo.rewards.REWARDS) or "package.module:factory"
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward's factory
-    weights: dict[str, float] = field(default_factory=lambda: {"strict": 1.0, "soft": 1.0, "quality": 2.0})
+    # the shapes reward's: all-or-nothing accuracy plus the graded Soft-TIFA atom and prompt scores (no
+    # prompt-free term: `quality` could be raised by leaving out an object the prompt asks for)
+    weights: dict[str, float] = field(default_factory=lambda: {"strict": 1.0, "tifa_atom": 1.0, "tifa_prompt": 1.0})
     url: str | None = None  # http reward server
     # several rewards at once (flowdppo.rewards.multi): [{name, args, weight | weights, label}, ...];
     # when set, reward.name/args/weights are not used. eval_components: evaluate on these instead.

@@ -43,7 +43,7 @@ def write_report(run_dir: str | Path) -> Path:
     figs = []
 
     # reward and evaluation accuracy
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 3.6))
     for k in sorted({k for m in metrics for k in m if k.startswith("reward/") and "zero_std" not in k}):
         _plot(ax[0], its, [m.get(k, np.nan) for m in metrics], k.split("/", 1)[1])
     ax[0].set_title("training reward (rollout mean)")
@@ -56,7 +56,17 @@ def write_report(run_dir: str | Path) -> Path:
     ax[1].set_xlabel("iterations trained")
     if eval_keys:
         ax[1].legend(fontsize=8)
-    _save(fig, run_dir, "plot_reward.png", "Reward and evaluation", figs)
+    # the trust region's activity beside the accuracy it shapes (a 10-iteration running mean)
+    for k, lab in (("masked_frac", "masked (Flow-DPPO)"), ("clip_frac", "clipped (PPO clip)")):
+        if any(k in m for m in metrics):
+            vals = np.asarray([m.get(k, np.nan) for m in metrics], dtype=float)
+            w = min(10, len(vals))
+            smooth = np.convolve(np.nan_to_num(vals), np.ones(w) / w, mode="valid")
+            _plot(ax[2], its[w - 1 :], smooth, f"{lab}, mean of {w}")
+            ax[2].legend(fontsize=8)
+    ax[2].set_title("share of loss entries the trust region removes")
+    ax[2].set_xlabel("iteration")
+    _save(fig, run_dir, "plot_reward.png", "Reward, evaluation and trust-region activity", figs)
 
     # KL to reference, trust-region activity
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))

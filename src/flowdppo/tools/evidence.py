@@ -103,33 +103,54 @@ class Setting:
         return self.label or self.name
 
 
+#: Flow-DPPO's KL threshold on the shapes world (the presets' 1e-5 is the official recipe's for SD3.5; on the
+#: shapes model one optimizer step moves the per-step mean-reduced KL to ~1e-8 on average and ~1e-7 to 1e-6
+#: at its largest entries, so 1e-5 never binds there; docs/shapes-demo.md). The same for both samplers:
+#: their KL per unit of velocity change is nearly the same (docs/flow-dppo.md).
+DELTA = 1e-7
+
+
+def _dppo(*overrides: str, delta: float = DELTA) -> tuple[str, ...]:
+    return (f"algorithm.delta={delta:g}", *overrides)
+
+
 def _settings() -> dict[str, list[Setting]]:
     methods = ["flow-dppo", "flow-dppo-cps", "flow-grpo", "flow-cps", "grpo-guard"]
+
+    def tuned(m: str, *o: str) -> tuple[str, ...]:
+        return _dppo(*o) if m.startswith("flow-dppo") else o
+
     return {
-        "methods": [Setting("methods", m, m) for m in methods],
+        "methods": [Setting("methods", m, m, tuned(m)) for m in methods],
         "multi-epoch": [
-            Setting("multi-epoch", f"{m}-I2", m, ("train.inner_epochs=2",), label=f"{m} I2")
+            Setting("multi-epoch", f"{m}-I2", m, tuned(m, "train.inner_epochs=2"), label=f"{m} I2")
             for m in ("flow-dppo", "flow-grpo", "flow-dppo-cps", "flow-cps")
         ],
         "ablations": [
-            Setting("ablations", "dppo-symmetric", "flow-dppo", ("algorithm.loss=dppo-symmetric",), "symmetric mask"),
-            Setting("ablations", "delta-1e-6", "flow-dppo", ("algorithm.delta=1e-6",), "delta 1e-6"),
-            Setting("ablations", "delta-1e-4", "flow-dppo", ("algorithm.delta=1e-4",), "delta 1e-4"),
-            # KL to the reference ends near 1e-3 on the demo: beta * KL_ref comparable to the surrogate at 1e-1
-            Setting("ablations", "beta-1e-2", "flow-dppo", ("algorithm.beta=1e-2",), "beta 1e-2"),
-            Setting("ablations", "beta-1e-1", "flow-dppo", ("algorithm.beta=1e-1",), "beta 1e-1"),
+            Setting(
+                "ablations", "dppo-symmetric", "flow-dppo", _dppo("algorithm.loss=dppo-symmetric"), "symmetric mask"
+            ),
+            Setting("ablations", "delta-1e-8", "flow-dppo", _dppo(delta=1e-8), "delta 1e-8"),
+            Setting("ablations", "delta-1e-6", "flow-dppo", _dppo(delta=1e-6), "delta 1e-6"),
+            # KL to the reference ends near 1e-4..1e-3 on the demo geometry: beta * KL_ref is then comparable
+            # to the surrogate at about 1e-1
+            Setting("ablations", "beta-1e-2", "flow-dppo", _dppo("algorithm.beta=1e-2"), "beta 1e-2"),
+            Setting("ablations", "beta-1e-1", "flow-dppo", _dppo("algorithm.beta=1e-1"), "beta 1e-1"),
         ],
         "multi-reward": [
-            Setting("multi-reward", "sum", "flow-dppo", MULTI_REWARD + ("algorithm.multi_reward=sum",), "weighted sum"),
-            Setting("multi-reward", "gdpo", "flow-dppo", MULTI_REWARD + ("algorithm.multi_reward=gdpo",), "GDPO"),
+            Setting(
+                "multi-reward", "sum", "flow-dppo", _dppo(*MULTI_REWARD, "algorithm.multi_reward=sum"), "weighted sum"
+            ),
+            Setting("multi-reward", "gdpo", "flow-dppo", _dppo(*MULTI_REWARD, "algorithm.multi_reward=gdpo"), "GDPO"),
         ],
     }
 
 
-#: the multi-reward part: the shapes reward's graded score plus a conflicting colour-saturation score
+#: the multi-reward part: the shapes reward's graded compositional score (Soft-TIFA atom level) plus a
+#: conflicting colour-saturation score
 MULTI_REWARD = (
     "reward.name=flowdppo.tools.evidence:shapes_and_saturation",
-    "reward.weights={soft: 1.0, saturation: 1.0}",
+    "reward.weights={tifa_atom: 1.0, saturation: 1.0}",
 )
 
 PARTS = ("methods", "multi-epoch", "ablations", "multi-reward")
@@ -349,6 +370,7 @@ def final_scores(rec: dict[str, Any]) -> dict[str, float]:
             ("eval/ood/strict", "ood_strict"),
             ("eval/ood/soft", "ood_soft"),
             ("eval/eval/saturation", "heldout_saturation"),
+            ("eval/eval/tifa_atom", "heldout_tifa_atom"),
         ):
             if key in last:
                 out[name] = float(last[key])
@@ -554,7 +576,7 @@ def write_figures(records: list[dict[str, Any]], fig_dir: Path) -> list[tuple[st
 
     if by_part["multi-reward"]:
         fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-        for i, key in enumerate(["eval/eval/soft", "eval/eval/saturation"]):
+        for i, key in enumerate(["eval/eval/tifa_atom", "eval/eval/saturation"]):
             for g, c in _curves(by_part["multi-reward"], key).items():
                 band(ax[i], *c, label[g])
             ax[i].set_title(f"multi-reward: {key.split('/')[-1]} (held-out)")
@@ -655,8 +677,10 @@ def results_markdown(
     )
     claims.append(
         (
-            "GDPO keeps the graded compositional reward higher than the weighted sum",
-            compare(cell("multi-reward", "gdpo", "heldout_soft"), cell("multi-reward", "sum", "heldout_soft")),
+            "GDPO keeps the graded compositional reward (tifa_atom) higher than the weighted sum",
+            compare(
+                cell("multi-reward", "gdpo", "heldout_tifa_atom"), cell("multi-reward", "sum", "heldout_tifa_atom")
+            ),
         )
     )
 
