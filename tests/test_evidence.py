@@ -83,3 +83,18 @@ def test_saturation_conflicts_with_grey_background():
     s = fn(["a red circle"] * 2, torch.cat([grey, red]))
     assert s["saturation"][0] < 0.01 < 0.5 < s["saturation"][1]
     assert {"strict", "soft", "saturation"} <= set(s)
+
+
+def test_setting_filter_and_seed_major_order(tmp_path, capsys):
+    import pytest
+
+    plan = evidence.Plan(
+        out=tmp_path, parts=["methods", "multi-epoch"], seeds=[0, 1], only=["flow-dppo", "flow-grpo-I2"]
+    )
+    runs = [(s.name, seed) for s, seed, _ in plan.runs()]
+    # seed-major: an interrupted bench has every chosen setting at the same number of seeds
+    assert runs == [("flow-dppo", 0), ("flow-grpo-I2", 0), ("flow-dppo", 1), ("flow-grpo-I2", 1)]
+    with pytest.raises(SystemExit) as e:
+        evidence.main(["--part", "methods", "--setting", "flow-grpo-I2", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--setting flow-grpo-I2: not a setting of the chosen parts; valid:" in capsys.readouterr().err
