@@ -710,6 +710,10 @@ def results_markdown(
 
 
 def write_results(results: Path, doc: Path, fig_dir: Path, header: str = "") -> Path:
+    """Tables, figures and verdicts from the exports; ``header`` (default: ``<results>/README.md``, where
+    the commands, the machine and the wall times of the runs are recorded by hand) opens the page."""
+    if not header and (results / "README.md").exists():
+        header = (results / "README.md").read_text().strip()
     records = load_exports(results)
     if not records:
         raise FileNotFoundError(f"no exported runs under {results / 'raw'}: run the bench first")
