@@ -112,14 +112,14 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 280  # the demo: ~12 min on 2 CPU cores with the shipped shapes model
+    iterations: int = 280  # `make demo` runs 150 with configs/shapes_demo.yaml (two passes per batch)
     prompts_per_iter: int = 8
     group_size: int = 16
     inner_epochs: int = 1
     minibatch_size: int = 64  # samples per optimizer step
     micro_batch_size: int = 64  # samples per forward/backward
     rollout_batch_size: int = 128  # samples per rollout forward
-    lr: float = 3e-4  # the paper's; 1e-3 and above drift on the shapes model (docs/shapes-demo.md)
+    lr: float = 3e-4  # the paper's; on the shapes model 1e-3 drifts unless the trust region binds (docs/shapes-demo.md)
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
