@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -238,13 +239,18 @@ def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path) -> list[str
 def fingerprint(plan: Plan, s: Setting, seed: int) -> str:
     """What a run's result depends on: its preset and overrides (the bench's and the user's) and the
     shipped model's weights. An export with another fingerprint is stale and is rerun."""
-    from flowdppo.models.shapes_model import ASSET_DIR
-
     h = hashlib.sha256()
     h.update(json.dumps([s.preset, plan.overrides(s, seed, Path("-"))]).encode())
-    for f in sorted(ASSET_DIR.glob("*")):
-        h.update(f.name.encode() + f.read_bytes())
+    h.update(_shipped_model_bytes())
     return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _shipped_model_bytes() -> bytes:
+    """The shipped shapes model's files (name + content each, sorted), read once per process."""
+    from flowdppo.models.shapes_model import ASSET_DIR
+
+    return b"".join(f.name.encode() + f.read_bytes() for f in sorted(ASSET_DIR.glob("*")))
 
 
 def export_path(results: Path, s: Setting, seed: int) -> Path:
