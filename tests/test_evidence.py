@@ -24,11 +24,15 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     records = evidence.load_exports(results)
     table = evidence.aggregate(records)
     assert set(table) == {("methods", "flow-dppo"), ("methods", "flow-grpo")}
-    for row in table.values():
+    for (_, setting), row in table.items():
         assert row["seeds"] == [0, 1]
+        per_seed = [evidence.final_scores(r) for r in records if r["setting"] == setting]
         for key in ("heldout_strict", "ood_strict", "kl_ref"):
+            vals = [sc[key] for sc in per_seed]
             mean, std, n = row[key]
-            assert n == 2 and 0 <= mean and std >= 0
+            # mean and sample std over the two seeds' last evaluation / last iteration
+            assert n == 2 and abs(mean - sum(vals) / 2) < 1e-12 and abs(std - abs(vals[0] - vals[1]) / 2**0.5) < 1e-12
+        assert 0 <= row["heldout_strict"][0] <= 1 and row["kl_ref"][0] > 0  # trained: the policy left the reference
     # the seeds are different runs: their KL to the reference differs
     kl = {r["seed"]: r["metrics"][-1]["kl_ref"] for r in records if r["setting"] == "flow-dppo"}
     assert kl[0] != kl[1]
@@ -60,6 +64,11 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     text = doc.read_text()
     assert "| flow-dppo | 2 |" in text and "## Verdicts" in text
     assert "flow-dppo reaches higher held-out accuracy than flow-grpo" in text
+    # the ratio-noise table (flow-grpo's live analyses): one row per analysed SDE step, measured next to predicted
+    noise = evidence.ratio_noise_samples(records)
+    assert set(noise) == {"flow-grpo"} and noise["flow-grpo"]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| flow-grpo | ") and ln.count("|") == 11]
+    assert len(rows) == len(noise["flow-grpo"])
     assert (tmp_path / "figures" / "bench_methods.png").exists()
 
 
@@ -98,3 +107,57 @@ def test_setting_filter_and_seed_major_order(tmp_path, capsys):
         evidence.main(["--part", "methods", "--setting", "flow-grpo-I2", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "--setting flow-grpo-I2: not a setting of the chosen parts; valid:" in capsys.readouterr().err
+
+
+def _record(part, setting, seed, start, end, kl, extra_end=None):
+    """A synthetic export: two evaluations (start, end) and one metrics line."""
+    evals = [
+        {"iteration": -1, "eval/eval/strict": start, "eval/ood/strict": 0.25},
+        {"iteration": 79, "eval/eval/strict": end, "eval/ood/strict": 0.25, **(extra_end or {})},
+    ]
+    if extra_end:
+        evals[0].update({k: 0.1 for k in extra_end})
+    return {
+        "part": part,
+        "setting": setting,
+        "label": setting,
+        "preset": "flow-dppo",
+        "seed": seed,
+        "evals": evals,
+        "metrics": [{"iteration": 79, "kl_ref": kl, "seconds": 1.0}],
+    }
+
+
+def test_ablation_and_multi_reward_verdicts_read_the_right_settings():
+    recs = []
+    for seed, eps in enumerate((0.0, 0.01, -0.01)):
+        recs += [
+            _record("methods", "flow-dppo", seed, 0.5, 0.60 + eps, 1e-4),
+            _record("ablations", "delta-1e-8", seed, 0.5, 0.65 + eps, 1e-5),
+            _record("ablations", "delta-1e-6", seed, 0.5, 0.55 + eps, 1e-3),
+            # beta: closer to the reference (lower KL) but no higher accuracy
+            _record("ablations", "beta-1e-2", seed, 0.5, 0.60 - eps, 1e-5 * (1 + eps)),
+            # GDPO: the compositional reward rises, saturation falls
+            _record(
+                "multi-reward",
+                "gdpo",
+                seed,
+                0.5,
+                0.6,
+                1e-4,
+                {"eval/eval/tifa_atom": 0.3 + eps, "eval/eval/saturation": 0.05 + eps},
+            ),
+        ]
+    text = evidence.results_markdown(recs, [], "figures")
+    verdict = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ")[1] for ln in text.splitlines() if "| **" in ln}
+
+    def find(start):
+        (v,) = [v for k, v in verdict.items() if k.startswith(start)]
+        return v
+
+    assert find("a tighter KL threshold ends higher") == "**reproduced**"
+    assert find("a KL penalty to the reference (beta 1e-2) ends closer") == "**reproduced**"
+    assert find("a small KL penalty (beta 1e-2) reaches higher") == "**inconclusive**"
+    assert find("balanced multi-reward training: under GDPO the tifa_atom") == "**reproduced**"
+    assert find("balanced multi-reward training: under GDPO the saturation") == "**not reproduced**"
+    assert find("GDPO keeps the graded compositional reward") == "**not run**"  # no weighted-sum runs

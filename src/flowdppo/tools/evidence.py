@@ -399,13 +399,18 @@ def final_scores(rec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """``(part, setting) -> {"label", "seeds", metric: (mean, std, n)}`` over seeds."""
+def _by_setting(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """``(part, setting) -> `` its records (one per seed)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["part"], r["setting"]), []).append(r)
+    return groups
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(part, setting) -> {"label", "seeds", metric: (mean, std, n)}`` over seeds."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
-    for key, recs in groups.items():
+    for key, recs in _by_setting(records).items():
         scores = [final_scores(r) for r in recs]
         row: dict[str, Any] = {"label": recs[0]["label"], "seeds": sorted(r["seed"] for r in recs)}
         for name in sorted({k for s in scores for k in s}):
@@ -455,10 +460,7 @@ def _curves(
 ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per setting: iterations, mean and std over seeds of an evaluation key."""
     out = {}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["part"], r["setting"]), []).append(r)
-    for g, recs in groups.items():
+    for g, recs in _by_setting(records).items():
         series = [{e["iteration"] + 1: e[key] for e in r["evals"] if key in e} for r in recs]
         its = sorted(set.intersection(*(set(s) for s in series))) if series else []
         if not its:
@@ -471,10 +473,7 @@ def _curves(
 def _kl_curves(records: list[dict[str, Any]], key: str):
     """Per setting: KL to the reference at each evaluation (mean over seeds) against accuracy (mean, std)."""
     out = {}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["part"], r["setting"]), []).append(r)
-    for g, recs in groups.items():
+    for g, recs in _by_setting(records).items():
         rows = []
         for r in recs:
             kl = {m["iteration"]: m.get("kl_ref") for m in r["metrics"]}
@@ -486,6 +485,63 @@ def _kl_curves(records: list[dict[str, Any]], key: str):
         accs = np.array([[x[i][1] for i in its] for x in rows], dtype=float)
         out[g] = (kls.mean(0), accs.mean(0), accs.std(0))
     return out
+
+
+#: what the trainer's ratio-noise analysis logs per SDE step (``ratio_noise/step<k>/<key>``): the exact
+#: per-sample KL D, the measured mean and std of the exact, sum-reduced log-ratio, its predicted std
+#: sqrt(2 D), and the fractions a PPO clip of 0.2 would cut on each side
+RATIO_NOISE_KEYS = ("kl_mean", "log_r_mean", "log_r_std", "log_r_std_pred", "clip_low_frac", "clip_high_frac")
+
+
+def ratio_noise_samples(records: list[dict[str, Any]]) -> dict[str, dict[int, list[dict[str, float]]]]:
+    """``preset -> SDE step -> `` one dict of :data:`RATIO_NOISE_KEYS` per logged analysis (every seed and
+    analysed iteration), for the clipping methods (flow-grpo and flow-cps)."""
+    steps: dict[str, dict[int, list[dict[str, float]]]] = {}
+    for r in records:
+        if r["preset"] not in ("flow-grpo", "flow-cps"):
+            continue
+        for m in r["metrics"]:
+            for k in m:
+                if k.startswith("ratio_noise/") and k.endswith("/kl_mean"):
+                    pre = k.removesuffix("kl_mean")
+                    st = int(pre.split("/")[1].removeprefix("step"))
+                    row = {key: float(m[pre + key]) for key in RATIO_NOISE_KEYS}
+                    steps.setdefault(r["preset"], {}).setdefault(st, []).append(row)
+    return steps
+
+
+def ratio_noise_markdown(records: list[dict[str, Any]]) -> list[str]:
+    """A table per clipping method: per SDE step, the measured ratio statistics (mean over every logged
+    analysis) next to Gaussian theory's predictions (E[log r] = -D, std[log r] = sqrt(2 D))."""
+    steps = ratio_noise_samples(records)
+    if not steps:
+        return []
+    lines = [
+        "## Ratio noise on live runs (Section 3.2)",
+        "",
+        "Every `eval.ratio_noise_every` iterations (10 in the bench) the trainer replays "
+        "`eval.ratio_noise_samples` (32) of the batch's stored actions through the updated policy and compares "
+        "it with the rollout's (old) policy. The log-ratio here is the exact one, *sum-reduced* over the "
+        "latent's dimensions (the paper's analysis), computed from the two means; D is the exact per-sample KL. "
+        "Each cell is the mean over every analysed iteration and seed. The clip columns count the samples a PPO "
+        "clip of eps = 0.2 would cut. The trainer's own clip is different: it reads the *mean-reduced* ratio "
+        "with clip_eps 1e-4, and its fraction is the table's *clipped* column above.",
+        "",
+        "| method | SDE step | analyses | D (exact KL) | -E[log r] measured | std[log r] measured | "
+        "sqrt(2 D) predicted | measured / predicted std | r < 0.8 | r > 1.2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset, per in sorted(steps.items()):
+        for st, rows in sorted(per.items()):
+            mean = {k: float(np.mean([row[k] for row in rows])) for k in RATIO_NOISE_KEYS}
+            ratio = float(np.mean([row["log_r_std"] / row["log_r_std_pred"] for row in rows if row["log_r_std_pred"]]))
+            lines.append(
+                f"| {preset} | {st} | {len(rows)} | {mean['kl_mean']:.2e} | {-mean['log_r_mean']:.2e} | "
+                f"{mean['log_r_std']:.2e} | {mean['log_r_std_pred']:.2e} | {ratio:.2f} | "
+                f"{mean['clip_low_frac']:.3f} | {mean['clip_high_frac']:.3f} |"
+            )
+    lines.append("")
+    return lines
 
 
 def write_figures(records: list[dict[str, Any]], fig_dir: Path) -> list[tuple[str, str]]:
@@ -527,29 +583,12 @@ def write_figures(records: list[dict[str, Any]], fig_dir: Path) -> list[tuple[st
         ax[2].legend(fontsize=7)
         save(fig, "bench_methods.png", "Methods: accuracy curves and KL efficiency")
 
-        steps: dict[str, dict[int, list[tuple[float, float, float, float, float]]]] = {}
-        for r in by_part["methods"]:
-            if r["preset"] not in ("flow-grpo", "flow-cps"):
-                continue
-            for m in r["metrics"]:
-                for k in m:
-                    if k.startswith("ratio_noise/") and k.endswith("/kl_mean"):
-                        st = int(k.split("/")[1][4:])
-                        pre = f"ratio_noise/step{st}/"
-                        steps.setdefault(r["preset"], {}).setdefault(st, []).append(
-                            (
-                                m[pre + "kl_mean"],
-                                m[pre + "log_r_mean"],
-                                m[pre + "log_r_std"],
-                                m[pre + "log_r_std_pred"],
-                                m[pre + "clip_low_frac"] + m[pre + "clip_high_frac"],
-                            )
-                        )
+        steps = ratio_noise_samples(by_part["methods"])
         if steps:
             fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
             for preset, per in steps.items():
                 for st, rows in sorted(per.items()):
-                    a = np.array(rows)
+                    a = np.array([[row[k] for k in RATIO_NOISE_KEYS] for row in rows])
                     (line,) = ax[0].plot(a[:, 3], a[:, 2], "o", ms=3, label=f"{preset} step {st}")
                     ax[1].plot(a[:, 0], -a[:, 1], "o", ms=3, color=line.get_color(), label=f"{preset} step {st}")
             for axis in ax:
@@ -690,6 +729,38 @@ def results_markdown(
     )
     claims.append(
         (
+            "a tighter KL threshold ends higher: delta 1e-8 against 1e-6 (Figure 3: the smallest delta is the "
+            "most stable and slightly best, the largest the least stable)",
+            compare(
+                cell("ablations", "delta-1e-8", "heldout_strict"), cell("ablations", "delta-1e-6", "heldout_strict")
+            ),
+        )
+    )
+    claims.append(
+        (
+            "a KL penalty to the reference (beta 1e-2) ends closer to the reference than beta 0 (App. G.3.2)",
+            compare(
+                cell("ablations", "beta-1e-2", "kl_ref"), cell("methods", "flow-dppo", "kl_ref"), higher_is_better=False
+            ),
+        )
+    )
+    claims.append(
+        (
+            "a small KL penalty (beta 1e-2) reaches higher held-out accuracy than beta 0 (App. G.3.2: beta 1e-3 "
+            "is best on FLUX2)",
+            compare(cell("ablations", "beta-1e-2", "heldout_strict"), cell("methods", "flow-dppo", "heldout_strict")),
+        )
+    )
+    gdpo = ("multi-reward", "gdpo")
+    for comp in ("tifa_atom", "saturation"):
+        claims.append(
+            (
+                f"balanced multi-reward training: under GDPO the {comp} reward rises over training",
+                compare(cell(*gdpo, f"heldout_{comp}"), cell(*gdpo, f"heldout_{comp}_start")),
+            )
+        )
+    claims.append(
+        (
             "GDPO keeps the graded compositional reward (tifa_atom) higher than the weighted sum",
             compare(
                 cell("multi-reward", "gdpo", "heldout_tifa_atom"), cell("multi-reward", "sum", "heldout_tifa_atom")
@@ -697,6 +768,7 @@ def results_markdown(
         )
     )
 
+    lines += ratio_noise_markdown(records)
     lines += [
         "## Verdicts",
         "",
