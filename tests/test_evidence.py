@@ -161,3 +161,44 @@ def test_ablation_and_multi_reward_verdicts_read_the_right_settings():
     assert find("balanced multi-reward training: under GDPO the tifa_atom") == "**reproduced**"
     assert find("balanced multi-reward training: under GDPO the saturation") == "**not reproduced**"
     assert find("GDPO keeps the graded compositional reward") == "**not run**"  # no weighted-sum runs
+
+
+def test_sigterm_stops_a_background_bench_and_its_runs_resumably(tmp_path):
+    """A bench started in the background inherits an ignored SIGINT (so do its runs): SIGTERM must still stop
+    the bench, stop its run (which checkpoints), and leave it resumable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    env = {**os.environ, "FLOWDPPO_THREADS": "1"}
+    cmd = [sys.executable, "-m", "flowdppo.cli", "bench", "--quick", "--seeds", "1", "--part", "methods"]
+    cmd += ["--setting", "flow-dppo", "--out", str(out), "--set", "train.iterations=200"]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `cmd &` in a script does
+        start_new_session=True,  # its own process group: whatever happens, nothing outlives the test
+    )
+    run_dir = out / "methods" / "flow-dppo" / "seed0"
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the bench's run never checkpointed"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130 and "flowdppo bench: terminated (SIGTERM)" in err
+    log = (out / "methods" / "flow-dppo" / "seed0.log").read_text()
+    assert "flowdppo train: terminated (SIGTERM)" in log
+    assert evidence.run_state(run_dir) == "partial"

@@ -102,8 +102,9 @@ def _guarded(command: str, fn, debug: bool) -> int:
 
     prog = f"flowdppo {command}" if command else "flowdppo"
     previous = None
-    if command == "train":
-        try:  # SIGTERM like Ctrl-C: the trainer checkpoints the completed iterations
+    if command in ("train", "bench"):
+        # SIGTERM like Ctrl-C: the trainer checkpoints the completed iterations; the bench stops its runs so
+        try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread
             previous = None

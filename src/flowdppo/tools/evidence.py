@@ -307,8 +307,10 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
         while running:
             reap(block=True)
     finally:
-        for proc, _, fh in running:  # interrupted: stop the children; a run checkpoints on SIGINT and resumes
-            proc.send_signal(signal.SIGINT)
+        # interrupted: stop the children; a run checkpoints on SIGTERM and resumes. Not SIGINT: a bench started
+        # in the background (``&``, nohup) hands its children an ignored SIGINT, and they would never stop
+        for proc, _, fh in running:
+            proc.send_signal(signal.SIGTERM)
             proc.wait()
             fh.close()
         if bar is not None:
