@@ -83,20 +83,17 @@ def build_reward(cfg, cache: dict | None = None) -> RewardFn:
     args = dict(cfg.args)
     if cfg.url:
         args.setdefault("url", cfg.url)
-    factory = REWARDS.get(cfg.name)
-    try:
-        return factory(**args)
-    except TypeError as e:
-        raise RegistryError(f"reward.args do not fit reward {cfg.name!r}: {e}") from None
+    return build_reward_by_name(cfg.name, args, what="reward.args")
 
 
-def build_reward_by_name(name: str, args: dict | None = None) -> RewardFn:
-    """A registered reward name or an import path ``package.module:factory``, called with ``args``."""
+def build_reward_by_name(name: str, args: dict | None = None, what: str = "reward args") -> RewardFn:
+    """A registered reward name or an import path ``package.module:factory``, called with ``args``
+    (``what`` names them in the error when they do not fit)."""
     factory = REWARDS.get(name)
     try:
         return factory(**(args or {}))
     except TypeError as e:
-        raise RegistryError(f"reward args do not fit reward {name!r}: {e}") from None
+        raise RegistryError(f"{what} do not fit reward {name!r}: {e}") from None
 
 
 def build_eval_reward(cfg, cache: dict | None = None) -> RewardFn | None:

@@ -280,7 +280,9 @@ class Trainer:
     def advantages(self, prompts, group_ids, rewards: dict[str, torch.Tensor]):
         """Step 2's advantages ``[B]`` and reward metrics from the whole batch's reward components."""
         a = self.cfg.algorithm
-        w = getattr(self.reward_fn, "weights", None) or self.cfg.reward.weights  # components: their own weights
+        w = getattr(self.reward_fn, "weights", None)  # a components reward carries its own weights
+        if w is None:
+            w = self.cfg.reward.weights
         kw = dict(std=a.advantage_std, clip=a.norm_adv_clip, multi_reward=a.multi_reward, tracker=self.tracker)
         try:
             return adv_lib.batch_advantages(rewards, w, prompts, group_ids, **kw)
