@@ -107,3 +107,26 @@ def test_bench_speed_memory_and_busy(tmp_path):
     assert [r["world"] for r in mem["1"]] == [1] and sorted(r["rank"] for r in mem["2"]) == [0, 1]
     assert all(r["bytes"]["trajectories"] > 0 and "anchor" in r["bytes"] for reps in mem.values() for r in reps)
     assert res["shapes"]["busy"]["over_quiet"] > 0
+
+
+def test_save_sd3_writes_the_benchmark_geometry_that_the_sd3_adapter_trains(tmp_path, capsys):
+    """``--save-sd3`` writes a real SD3 pipeline of the benchmark's geometry (16x8x8 latents, 77 CLIP tokens),
+    refuses a non-empty folder, and ``--sd3-path`` then trains on it (a smoke iteration)."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the tiny pipelines need transformers >= 5")
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "sd3"
+    assert bench_speed.main(["--save-sd3", str(out)]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 16
+    assert pipe.tokenizer.model_max_length == 77 and pipe.transformer.config.num_layers == 4
+    assert pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim == 128
+    with pytest.raises(SystemExit, match="not empty"):
+        bench_speed.main(["--save-sd3", str(out)])
+    res = tmp_path / "speed.json"
+    args = ["--models", "sd3", "--sd3-path", str(out), "--smoke", "--procs", "", "--iterations", "1", "--warmup", "0"]
+    assert bench_speed.main([*args, "--quiet", "--json", str(res)]) == 0
+    sd3 = json.loads(res.read_text())["sd3"]
+    assert all(sd3[p]["seconds"]["iteration"] > 0 for p in ("flow-dppo", "flow-grpo"))

@@ -93,7 +93,7 @@ def _tiny_sd3_adapter(tmp: Path) -> tuple[str, str]:
 
     from flowdppo.config import ModelConfig
     from flowdppo.models import build_model
-    from tiny_pipelines import IMAGE_SIZE, save_tiny_pipeline
+    from flowdppo.models.tiny_pipelines import IMAGE_SIZE, save_tiny_pipeline
 
     path = save_tiny_pipeline("sd3", str(tmp / "sd3"))
     m = build_model(

@@ -1,6 +1,6 @@
 """SD3, FLUX.1 and FLUX.2 [klein] adapters against stock diffusers pipelines (tiny random components, offline).
 
-Each tiny pipeline is built in code (tests/tiny_pipelines.py), written with ``save_pretrained`` to a
+Each tiny pipeline is built in code (`flowdppo.models.tiny_pipelines`), written with ``save_pretrained`` to a
 temporary folder and loaded back through ``model.path``, exactly as a real checkpoint would be.
 Nothing here downloads anything.
 """
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flowdppo.config import ModelConfig, from_dict, load_config  # noqa: E402
 from flowdppo.models import FlowModel, build_model  # noqa: E402
+from flowdppo.models.tiny_pipelines import IMAGE_SIZE, save_tiny_pipeline  # noqa: E402
 from flowdppo.training.distributed import enable_gradient_checkpointing  # noqa: E402
 from flowdppo.training.rollout import ode_sample  # noqa: E402
-from tiny_pipelines import IMAGE_SIZE, save_tiny_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "blue dogs"]  # short: the tiny CLIP tokenizers are character-level, 16 tokens

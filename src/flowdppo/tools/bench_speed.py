@@ -26,7 +26,9 @@ steps, one mini-batch of 64); ``sd3`` is a tiny SD3 transformer (diffusers ``SD3
 4 layers, hidden 128, 16x8x8 latents, patch 2, 205 text tokens as SD3 with 77 CLIP + 128 T5 tokens)
 with random weights and LoRA r32, 4 prompts x 4 samples, 10 steps of which 9 are trained. Its text
 encoder is the shapes model's word encoder (prompts are encoded once and cached, so the loop never
-runs it); ``--sd3-path DIR`` runs a saved diffusers SD3 pipeline through the SD3 adapter instead.
+runs it); ``--sd3-path DIR`` runs a saved diffusers SD3 pipeline through the SD3 adapter instead, e.g. the
+one ``--save-sd3 DIR`` writes (the same geometry as a real ``StableDiffusion3Pipeline`` with random weights and
+character tokenizers; docs/BENCHMARKS.md, P3, runs flow_grpo's trainer on it).
 
 Machine load changes every figure but the FLOP counts and the byte counts: the output records
 ``os.getloadavg()`` before and after, and the thread settings.
@@ -172,7 +174,8 @@ def build_trainer(geometry: str, preset: str, run_dir: str, smoke: bool = False,
         if sd3_path:
             from flowdppo.worlds import shapes
 
-            prompts_file = Path(run_dir) / "prompts.txt"
+            # beside the run directory, not in it: a run directory that holds a file is refused as a reused one
+            prompts_file = Path(run_dir).with_name(Path(run_dir).name + "-prompts.txt")
             prompts_file.parent.mkdir(parents=True, exist_ok=True)
             prompts_file.write_text("\n".join(p.text for p in shapes.prompt_sets(seed=0)["train"][:64]) + "\n")
             overrides += [
@@ -524,6 +527,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", default="shapes,sd3", help="geometries, comma-separated: shapes, sd3")
     p.add_argument("--sd3-path", help="a saved diffusers SD3 pipeline folder for the sd3 geometry")
+    p.add_argument(
+        "--save-sd3",
+        metavar="DIR",
+        help="only save the benchmark's random SD3 pipeline (64x64 images, 16x8x8 latents, 77 CLIP tokens, "
+        "4 layers of hidden 128) to DIR, for --sd3-path and for other trainers, and exit",
+    )
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per preset (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per preset first")
     p.add_argument("--procs", default="1,2", help="process counts for the memory measurement ('' to skip)")
@@ -546,6 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.iterations < 1 or args.warmup < 0:
         raise SystemExit("flowdppo bench speed: --iterations must be >= 1 and --warmup >= 0")
+    if args.save_sd3:
+        from flowdppo.models.tiny_pipelines import save_tiny_pipeline
+
+        if Path(args.save_sd3).exists() and any(Path(args.save_sd3).iterdir()):
+            raise SystemExit(f"flowdppo bench speed: --save-sd3 {args.save_sd3}: the folder is not empty")
+        print(save_tiny_pipeline("bench-sd3", args.save_sd3))
+        return 0
     if args.memory_worker:
         memory_worker(args.memory_worker, args.models.split(",")[0], args.smoke, args.sd3_path, args.set)
         return 0

@@ -1,4 +1,5 @@
-"""Tiny random SD3, FLUX.1 and FLUX.2 [klein] diffusers pipelines, built entirely offline (tests, smoke runs).
+"""Tiny random SD3, FLUX.1 and FLUX.2 [klein] diffusers pipelines, built entirely offline (tests, smoke runs,
+benchmarks).
 
 Every component is built from a config in code with seeded random weights: the CLIP and T5 text
 encoders, the VAE, the transformer and the flow-matching scheduler. The tokenizers are built from an
@@ -10,6 +11,13 @@ checkpoint.
 Sizes: 32x32 pixel images, a VAE with scale factor 2 (16x16 latents), 4 latent channels; SD3 uses a
 patch of 2 (64 image tokens), FLUX packs 2x2 (64 tokens of 16 channels). Building a pipeline takes
 well under a second on a CPU.
+
+:func:`bench_sd3_pipeline` is the speed benchmark's SD3 geometry instead (``flowdppo bench speed
+--save-sd3 DIR``): 64x64 images, a VAE of scale factor 8 with 16 latent channels (16x8x8 latents, as
+SD3's), CLIP encoders of SD3's 77 tokens, a 4-layer transformer of hidden size 128 (2 heads of 64). It is
+sized so that other trainers (flow_grpo's, which encodes 77 CLIP tokens and 128 T5 tokens) run on it too.
+
+Run as a script: ``python -m flowdppo.models.tiny_pipelines OUT_DIR [sd3|flux|flux2-klein|bench-sd3]``.
 """
 
 from __future__ import annotations
@@ -24,15 +32,15 @@ IMAGE_SIZE = 32  # pixels
 LATENT_CHANNELS = 4
 
 
-def clip_tokenizer():
-    """A character-level CLIP BPE tokenizer (no merges) with ``model_max_length = CLIP_MAX_LEN``."""
+def clip_tokenizer(max_len: int = CLIP_MAX_LEN):
+    """A character-level CLIP BPE tokenizer (no merges) with ``model_max_length = max_len``."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in CHARS:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LEN)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
 
 
 def t5_tokenizer():
@@ -44,7 +52,7 @@ def t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _clip_config(hidden: int, projection: int, vocab_size: int):
+def _clip_config(hidden: int, projection: int, vocab_size: int, max_len: int = CLIP_MAX_LEN):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -57,7 +65,7 @@ def _clip_config(hidden: int, projection: int, vocab_size: int):
         num_attention_heads=2,
         num_hidden_layers=2,
         vocab_size=vocab_size,
-        max_position_embeddings=CLIP_MAX_LEN,
+        max_position_embeddings=max_len,
         projection_dim=projection,
         hidden_act="gelu",
     )
@@ -85,19 +93,26 @@ def _t5_encoder(d_model: int, vocab_size: int):
     )
 
 
-def _vae(shift_factor: float, scaling_factor: float):
+def _vae(
+    shift_factor: float,
+    scaling_factor: float,
+    levels: int = 2,
+    latent_channels: int = LATENT_CHANNELS,
+    image_size: int = IMAGE_SIZE,
+):
+    """A random VAE of scale factor ``2 ** (levels - 1)``."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8,) + (16,) * (levels - 1),
         layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=4,
-        sample_size=IMAGE_SIZE,
+        sample_size=image_size,
         shift_factor=shift_factor,
         scaling_factor=scaling_factor,
         use_quant_conv=False,
@@ -299,18 +314,63 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     )
 
 
+def bench_sd3_pipeline(seed: int = 0):
+    """The speed benchmark's random ``StableDiffusion3Pipeline`` (see the module doc): 64x64 images, 16x8x8
+    latents, 77 CLIP tokens, a 4-layer transformer of hidden size 128 (2.3 M parameters)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    clip_len, clip_dim, t5_dim = 77, 32, 64  # CLIP hidden states (2 x 32) are zero-padded to the T5 width
+    tok, tok_t5 = clip_tokenizer(clip_len), t5_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_clip_config(clip_dim, 32, len(tok), clip_len))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_dim, 32, len(tok), clip_len))
+    text_encoder_3 = _t5_encoder(t5_dim, len(tok_t5))
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=128,
+        pooled_projection_dim=2 * 32,
+        pos_embed_max_size=8,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(0.0609, 1.5305, levels=4, latent_channels=16, image_size=64),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(clip_len),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_t5,
+    )
+
+
+PIPELINES = {
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "flux2-klein": tiny_flux2_klein_pipeline,
+    "bench-sd3": bench_sd3_pipeline,
+}
+
+
 def save_tiny_pipeline(family: str, directory: str, **kwargs) -> str:
-    """Build the tiny pipeline of ``family`` (``"sd3"``, ``"flux"`` or ``"flux2-klein"``) and
-    ``save_pretrained`` it to ``directory``."""
-    build = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "flux2-klein": tiny_flux2_klein_pipeline}[family]
+    """Build the pipeline ``family`` of :data:`PIPELINES` and ``save_pretrained`` it to ``directory``."""
+    build = PIPELINES[family]
     pipe = build(**kwargs)
     pipe.save_pretrained(directory)
     return directory
 
 
-if __name__ == "__main__":  # python tests/tiny_pipelines.py OUT_DIR [sd3|flux]
+if __name__ == "__main__":  # python -m flowdppo.models.tiny_pipelines OUT_DIR [sd3|flux|flux2-klein|bench-sd3]
     import sys
 
-    out = sys.argv[1]
-    fam = sys.argv[2] if len(sys.argv) > 2 else "sd3"
-    print(save_tiny_pipeline(fam, out))
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in PIPELINES):
+        sys.exit(f"usage: python -m flowdppo.models.tiny_pipelines OUT_DIR [{'|'.join(PIPELINES)}]")
+    print(save_tiny_pipeline(sys.argv[2] if len(sys.argv) == 3 else "sd3", sys.argv[1]))
