@@ -120,51 +120,56 @@ def _vae(
     )
 
 
+def _sd3_pipeline(seed: int, clip_len: int, clip_dim: int, t5_dim: int, transformer: dict, vae: dict, scheduler: dict):
+    """A random ``StableDiffusion3Pipeline``: two CLIP encoders of width ``clip_dim`` (their hidden states are
+    zero-padded to the T5 width ``t5_dim``, as in SD3), a T5 encoder, and the given transformer, VAE and
+    scheduler settings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, tok_t5 = clip_tokenizer(clip_len), t5_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_clip_config(clip_dim, clip_dim, len(tok), clip_len))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_dim, clip_dim, len(tok), clip_len))
+    text_encoder_3 = _t5_encoder(t5_dim, len(tok_t5))
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            patch_size=2, joint_attention_dim=t5_dim, pooled_projection_dim=2 * clip_dim, **transformer
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **scheduler),
+        vae=_vae(0.0609, 1.5305, **vae),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(clip_len),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_t5,
+    )
+
+
 def tiny_sd3_pipeline(seed: int = 0, dynamic_shift: bool = False):
     """A random ``StableDiffusion3Pipeline`` (SD3.5-style: qk rms-norm, one dual-attention layer, shift 3).
 
     ``dynamic_shift=True`` gives the scheduler resolution-dependent shifting (``mu`` from the image size).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
-    clip_dim, t5_dim = 16, 48  # CLIP hidden states (2 x 16) are zero-padded to the T5 width, as in SD3
-    text_encoder = CLIPTextModelWithProjection(_clip_config(clip_dim, 16, len(tok)))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_dim, 16, len(tok)))
-    text_encoder_3 = _t5_encoder(t5_dim, len(tok_t5))
-    transformer = SD3Transformer2DModel(
+    transformer = dict(
         sample_size=IMAGE_SIZE // 2,
-        patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
-        joint_attention_dim=t5_dim,
         caption_projection_dim=32,
-        pooled_projection_dim=32,
         pos_embed_max_size=16,
         qk_norm="rms_norm",
         dual_attention_layers=(0,),
     )
-    sched_kwargs = dict(num_train_timesteps=1000, shift=3.0)
+    sched = {}
     if dynamic_shift:
-        sched_kwargs.update(
+        sched = dict(
             use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.16
         )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**sched_kwargs),
-        vae=_vae(0.0609, 1.5305),
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tok_t5,
-    )
+    return _sd3_pipeline(seed, CLIP_MAX_LEN, 16, 48, transformer, {}, sched)
 
 
 def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
@@ -317,39 +322,18 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
 def bench_sd3_pipeline(seed: int = 0):
     """The speed benchmark's random ``StableDiffusion3Pipeline`` (see the module doc): 64x64 images, 16x8x8
     latents, 77 CLIP tokens, a 4-layer transformer of hidden size 128 (2.3 M parameters)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    clip_len, clip_dim, t5_dim = 77, 32, 64  # CLIP hidden states (2 x 32) are zero-padded to the T5 width
-    tok, tok_t5 = clip_tokenizer(clip_len), t5_tokenizer()
-    text_encoder = CLIPTextModelWithProjection(_clip_config(clip_dim, 32, len(tok), clip_len))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_dim, 32, len(tok), clip_len))
-    text_encoder_3 = _t5_encoder(t5_dim, len(tok_t5))
-    transformer = SD3Transformer2DModel(
+    transformer = dict(
         sample_size=8,
-        patch_size=2,
         in_channels=16,
         out_channels=16,
         num_layers=4,
         attention_head_dim=64,
         num_attention_heads=2,
-        joint_attention_dim=t5_dim,
         caption_projection_dim=128,
-        pooled_projection_dim=2 * 32,
         pos_embed_max_size=8,
     )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae(0.0609, 1.5305, levels=4, latent_channels=16, image_size=64),
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer(clip_len),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tok_t5,
-    )
+    vae = dict(levels=4, latent_channels=16, image_size=64)
+    return _sd3_pipeline(seed, 77, 32, 64, transformer, vae, {})
 
 
 PIPELINES = {
