@@ -496,8 +496,8 @@ RATIO_NOISE_KEYS = ("kl_mean", "log_r_mean", "log_r_std", "log_r_std_pred", "cli
 
 
 def ratio_noise_samples(records: list[dict[str, Any]]) -> dict[str, dict[int, list[dict[str, float]]]]:
-    """``preset -> SDE step -> `` one dict of :data:`RATIO_NOISE_KEYS` per logged analysis (every seed and
-    analysed iteration), for the clipping methods (flow-grpo and flow-cps)."""
+    """``setting label -> SDE step -> `` one dict of :data:`RATIO_NOISE_KEYS` per logged analysis (every seed
+    and analysed iteration), for the settings of the clipping methods (flow-grpo and flow-cps presets)."""
     steps: dict[str, dict[int, list[dict[str, float]]]] = {}
     for r in records:
         if r["preset"] not in ("flow-grpo", "flow-cps"):
@@ -508,7 +508,7 @@ def ratio_noise_samples(records: list[dict[str, Any]]) -> dict[str, dict[int, li
                     pre = k.removesuffix("kl_mean")
                     st = int(pre.split("/")[1].removeprefix("step"))
                     row = {key: float(m[pre + key]) for key in RATIO_NOISE_KEYS}
-                    steps.setdefault(r["preset"], {}).setdefault(st, []).append(row)
+                    steps.setdefault(r["label"], {}).setdefault(st, []).append(row)
     return steps
 
 
@@ -529,16 +529,16 @@ def ratio_noise_markdown(records: list[dict[str, Any]]) -> list[str]:
         "clip of eps = 0.2 would cut. The trainer's own clip is different: it reads the *mean-reduced* ratio "
         "with clip_eps 1e-4, and its fraction is the table's *clipped* column above.",
         "",
-        "| method | SDE step | analyses | D (exact KL) | -E[log r] measured | std[log r] measured | "
+        "| setting | SDE step | analyses | D (exact KL) | -E[log r] measured | std[log r] measured | "
         "sqrt(2 D) predicted | measured / predicted std | r < 0.8 | r > 1.2 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for preset, per in sorted(steps.items()):
+    for lab, per in sorted(steps.items()):
         for st, rows in sorted(per.items()):
             mean = {k: float(np.mean([row[k] for row in rows])) for k in RATIO_NOISE_KEYS}
             ratio = float(np.mean([row["log_r_std"] / row["log_r_std_pred"] for row in rows if row["log_r_std_pred"]]))
             lines.append(
-                f"| {preset} | {st} | {len(rows)} | {mean['kl_mean']:.2e} | {-mean['log_r_mean']:.2e} | "
+                f"| {lab} | {st} | {len(rows)} | {mean['kl_mean']:.2e} | {-mean['log_r_mean']:.2e} | "
                 f"{mean['log_r_std']:.2e} | {mean['log_r_std_pred']:.2e} | {ratio:.2f} | "
                 f"{mean['clip_low_frac']:.3f} | {mean['clip_high_frac']:.3f} |"
             )
@@ -588,11 +588,11 @@ def write_figures(records: list[dict[str, Any]], fig_dir: Path) -> list[tuple[st
         steps = ratio_noise_samples(by_part["methods"])
         if steps:
             fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-            for preset, per in steps.items():
+            for lab, per in steps.items():
                 for st, rows in sorted(per.items()):
                     a = np.array([[row[k] for k in RATIO_NOISE_KEYS] for row in rows])
-                    (line,) = ax[0].plot(a[:, 3], a[:, 2], "o", ms=3, label=f"{preset} step {st}")
-                    ax[1].plot(a[:, 0], -a[:, 1], "o", ms=3, color=line.get_color(), label=f"{preset} step {st}")
+                    (line,) = ax[0].plot(a[:, 3], a[:, 2], "o", ms=3, label=f"{lab} step {st}")
+                    ax[1].plot(a[:, 0], -a[:, 1], "o", ms=3, color=line.get_color(), label=f"{lab} step {st}")
             for axis in ax:
                 lo, hi = axis.get_xlim()
                 axis.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
