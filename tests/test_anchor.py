@@ -84,7 +84,8 @@ def test_rollout_anchor_warns_when_the_check_disagrees(tmp_path, caplog):
 
 
 def test_reference_kl_subsample_and_interval(tmp_path):
-    sub = make(tmp_path, ["train.anchor=rollout", "train.ref_kl_samples=4", "train.ref_kl_every=2"], name="sub")
+    sched = ["train.ref_kl_every=4", "train.iterations=7", "eval.every=3"]
+    sub = make(tmp_path, ["train.anchor=rollout", "train.ref_kl_samples=4", *sched], name="sub")
     calls = {"n": 0}
     orig = sub.model.disable_adapter
 
@@ -97,8 +98,10 @@ def test_reference_kl_subsample_and_interval(tmp_path):
     assert calls["n"] == len(m0["sde_steps"])  # 4 samples = one micro-batch, one reference forward per step
     assert m0["kl_ref"] == 0.0  # the LoRA starts at the reference policy
     assert {k for k in m0 if k.startswith("kl_ref/")} == {f"kl_ref/step{k}" for k in m0["sde_steps"]}
-    assert "kl_ref" not in sub.iteration_step(1)  # every 2 iterations
-    assert sub.iteration_step(2)["kl_ref"] > 0
+    # every 4 iterations (0, 4), before each evaluation (after iterations 3 and 6: it 2, 5) and the last (6)
+    measured = {it for it in range(1, 7) if "kl_ref" in sub.iteration_step(it)}
+    assert measured == {2, 4, 5, 6}
+    assert sub._measure_ref_kl(8) and not sub._measure_ref_kl(9)  # the schedule itself, past the run
 
 
 def test_reference_kl_on_all_samples_is_the_same_with_either_anchor(tmp_path):

@@ -106,7 +106,10 @@ def test_bench_speed_memory_and_busy(tmp_path):
     mem = res["memory"]["per_world"]
     assert [r["world"] for r in mem["1"]] == [1] and sorted(r["rank"] for r in mem["2"]) == [0, 1]
     assert all(r["bytes"]["trajectories"] > 0 and "anchor" in r["bytes"] for reps in mem.values() for r in reps)
-    assert res["shapes"]["busy"]["over_quiet"] > 0
+    busy = res["shapes"]["busy"]
+    assert busy["over_quiet"] > 0
+    # the busy run is a fresh process that chose its own wait policy (this process's choice is not inherited)
+    assert sum(bool(busy["env"].get(k)) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")) == 1
 
 
 def test_save_sd3_writes_the_benchmark_geometry_that_the_sd3_adapter_trains(tmp_path, capsys):

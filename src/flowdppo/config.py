@@ -129,7 +129,9 @@ class TrainConfig:
     prompt_split: str = "train"  # the world's set to train on
     prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
     log_ref_kl: bool = True  # measure the KL to the reference policy (a diagnostic at beta = 0)
-    ref_kl_every: int = 1  # iterations between reference-KL measurements at beta = 0 (beta > 0: every step)
+    # iterations between reference-KL measurements at beta = 0, besides the last iteration and those an evaluation
+    # follows (beta > 0: every step, from the training forwards); 0 = never
+    ref_kl_every: int = 10
     ref_kl_samples: int = 32  # samples of the batch the beta = 0 measurement uses (0 = all)
     # the frozen old policy of each iteration: "replay" re-runs the trained steps without gradient at the
     # current weights (in the first epoch's micro-batches); "rollout" reuses the rollout's own log-probs and

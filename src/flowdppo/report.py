@@ -70,7 +70,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     # KL to reference, trust-region activity
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
-    _plot(ax[0], its, [m.get("kl_ref", np.nan) for m in metrics], "KL to reference (mean-reduced)")
+    measured = [m for m in metrics if "kl_ref" in m]  # every train.ref_kl_every iterations at beta = 0
+    _plot(ax[0], [m["iteration"] for m in measured], [m["kl_ref"] for m in measured], "KL to reference (mean-reduced)")
     _plot(ax[0], its, [m.get("kl_mean", np.nan) for m in metrics], "old/new KL D (mean)")
     ax[0].set_yscale("symlog", linthresh=1e-8)
     ax[0].set_xlabel("iteration")

@@ -6,11 +6,14 @@ cores are also used by other processes, the spinning threads compete with those 
 each other, and an iteration can become ten times slower instead of twice. :func:`configure` picks,
 before torch loads its thread pools (they read the environment once, when the library loads):
 
-- ``GOMP_SPINCOUNT=10000`` (idle workers spin briefly, then sleep), unless the user set
-  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. On the shapes demo geometry (2 cores) this kept a quiet
-  machine's iteration within ~7% of the default spinning (2.77 s vs 2.60 s) where ``PASSIVE`` cost
-  ~40% (3.72 s), and with a competing 2-thread matmul loop it ran 7.8 s against 16.3 s at a spin
-  count of 100000 (``PASSIVE``: 5.7 s); docs/BENCHMARKS.md, "CPU threads";
+- the wait policy of idle workers, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``:
+  ``GOMP_SPINCOUNT=10000`` (spin briefly, then sleep) when the CPUs this process may use are quiet at
+  start, ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) when other work already keeps at least half of
+  them busy (:func:`cpu_busy_share`, 0.1 s of ``/proc/stat``). On the shapes demo geometry (2 cores),
+  quiet: spin 10000 ran an iteration in 2.77 s against 2.60 s for the default spinning and 3.72 s for
+  ``PASSIVE``; beside a competing 2-thread matmul loop: spin 10000 7.8 s, spin 100000 16.3 s,
+  ``PASSIVE`` 5.7 s (docs/BENCHMARKS.md, "CPU threads"). The wait policy changes no result, only
+  how idle threads wait; load that arrives after the start is not followed;
 - ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) = the CPUs this process may actually run on (its CPU
   affinity, capped by a cgroup CPU quota such as a container's), unless the user set them (an unset
   ``MKL_NUM_THREADS`` follows a user's ``OMP_NUM_THREADS``). An explicit
@@ -20,18 +23,26 @@ before torch loads its thread pools (they read the environment once, when the li
 ``FLOWDPPO_THREADS=auto`` (or ``--threads auto``) is the default behaviour described above. Settings
 already in the environment are never overwritten except by an explicit thread count. From Python,
 call :func:`configure` before the first ``import torch`` of the process to get the same behaviour.
+What :func:`configure` chose is listed in ``FLOWDPPO_CHOSEN`` (comma-separated names), so that a tool
+starting a fresh process can let that process choose for itself (:func:`without_choices`).
+
+The thread count is never chosen by load: results of some kernels depend on it, and a run must not
+change with the machine's load.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Mapping, MutableMapping
 
 ENV_THREADS = "FLOWDPPO_THREADS"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SPIN_COUNT = "10000"  # spin this many times before sleeping: near full speed when quiet, no collapse when busy
+CHOSEN = "FLOWDPPO_CHOSEN"  # the names configure() set (not the user's)
+BUSY_SHARE = 0.5  # other work on at least this share of the usable CPUs at start: idle workers sleep at once
 
 
 def available_cpus() -> int:
@@ -63,6 +74,46 @@ def _cgroup_quota() -> float | None:
         return None
 
 
+def _cpu_times(stat_text: str, cpus: set[int] | None) -> tuple[int, int]:
+    """(total, idle) jiffies summed over ``cpus`` (all when None) from the text of ``/proc/stat``."""
+    total = idle = 0
+    for line in stat_text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        vals = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(vals)
+        idle += vals[3] + vals[4]
+    return total, idle
+
+
+def cpu_busy_share(interval: float = 0.1, stat_path: str = "/proc/stat") -> float | None:
+    """Share in [0, 1] of the time the CPUs this process may run on were busy over ``interval`` seconds
+    (``/proc/stat``); None where that cannot be read (not Linux)."""
+    try:
+        cpus: set[int] | None = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    try:
+        with open(stat_path) as f:
+            t0, i0 = _cpu_times(f.read(), cpus)
+        time.sleep(interval)
+        with open(stat_path) as f:
+            t1, i1 = _cpu_times(f.read(), cpus)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if t1 <= t0 else min(1.0, max(0.0, 1.0 - (i1 - i0) / (t1 - t0)))
+
+
+def without_choices(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``environ`` without the settings :func:`configure` chose (``FLOWDPPO_CHOSEN``): a fresh
+    process started with it chooses again, as a user's command would (the user's own settings stay)."""
+    chosen = {k for k in environ.get(CHOSEN, "").split(",") if k}
+    return {k: v for k, v in environ.items() if k not in chosen and k != CHOSEN}
+
+
 def parse_threads(value: str | int | None) -> int | None:
     """``None``/``"auto"``/``""`` -> None (choose automatically); a positive integer -> itself."""
     if value is None:
@@ -88,17 +139,27 @@ def _user_threads(value: str | None) -> int | None:
         return None
 
 
-def configure(threads: str | int | None = None, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+def configure(
+    threads: str | int | None = None, environ: MutableMapping[str, str] | None = None, busy: bool | None = None
+) -> dict[str, str]:
     """Set the thread environment for this process (see the module doc); returns what it set.
 
     ``threads`` (the ``--threads`` flag) wins over ``FLOWDPPO_THREADS``, which wins over the automatic
-    choice. Warns on stderr when torch is already imported: its pools then keep their settings.
+    choice. ``busy`` says whether other work keeps the CPUs busy (None: measure it, only when the wait
+    policy is to be chosen). Warns on stderr when torch is already imported: its pools then keep their
+    settings.
     """
     env = os.environ if environ is None else environ
     explicit = parse_threads(threads) if threads is not None else parse_threads(env.get(ENV_THREADS))
     changed: dict[str, str] = {}
     if not any(env.get(k) for k in WAIT_VARS):
-        changed["GOMP_SPINCOUNT"] = SPIN_COUNT
+        if busy is None:
+            share = cpu_busy_share()
+            busy = share is not None and share >= BUSY_SHARE
+        if busy:
+            changed["OMP_WAIT_POLICY"] = "PASSIVE"
+        else:
+            changed["GOMP_SPINCOUNT"] = SPIN_COUNT
     # an explicit count, else the user's OMP_NUM_THREADS (MKL follows it), else the CPUs available
     n = explicit if explicit is not None else (_user_threads(env.get("OMP_NUM_THREADS")) or available_cpus())
     for k in THREAD_VARS:
@@ -106,6 +167,8 @@ def configure(threads: str | int | None = None, environ: MutableMapping[str, str
             changed[k] = str(n)
     for k, v in changed.items():
         env[k] = v
+    if changed:
+        env[CHOSEN] = ",".join(sorted({*env.get(CHOSEN, "").split(","), *changed} - {""}))
     if environ is None and changed and "torch" in sys.modules:
         print(
             "flowdppo: torch was imported before the thread settings were chosen; "

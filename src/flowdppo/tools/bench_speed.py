@@ -18,7 +18,8 @@ Run by hand, never by the test suite (a smoke test runs it at toy sizes). What i
   resident memory;
 - **anchor** (``--compare-anchor``): Flow-DPPO again with ``train.anchor=replay``, interleaved with the
   others, and the iteration ratio of the configured anchor (default ``auto``) over the replayed one;
-- **busy** (``--busy``): the shapes iteration again while one competing 2-thread matmul loop runs,
+- **busy** (``--busy``): the shapes Flow-DPPO iteration in a fresh process started while one competing
+  2-thread matmul loop runs (so it chooses its thread settings on a busy machine, as a user's run would),
   against the quiet figure of the same run.
 
 Geometries: ``shapes`` is the demo's (the shipped model, 8 prompts x 16 samples, 10 steps, 3 SDE
@@ -339,6 +340,32 @@ def memory_run(
     return reports
 
 
+def busy_run(iterations: int, smoke: bool, out_dir: Path, extra: Sequence[str] = ()) -> dict:
+    """The shapes Flow-DPPO iteration timed in a fresh process started beside a :class:`Competitor`: like a
+    user's run on a busy machine, that process chooses its own thread settings (this process's choices are
+    not passed on; the user's are). Returns the worker's report: ``rows`` and the ``env`` it ran with."""
+    from flowdppo import threads
+
+    out = out_dir / "busy.json"
+    cmd = [sys.executable, "-m", "flowdppo.tools.bench_speed", "--busy-worker", str(out), "--models", "shapes"]
+    cmd += ["--iterations", str(iterations)] + (["--smoke"] if smoke else [])
+    cmd += [a for kv in extra for a in ("--set", kv)]
+    with Competitor():
+        proc = subprocess.run(cmd, env=threads.without_choices(os.environ), timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"busy worker failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(out.read_text())
+
+
+def busy_worker(out: str, iterations: int, smoke: bool, extra: Sequence[str] = ()) -> None:
+    """Inside the process of :func:`busy_run`: one warm-up and ``iterations`` timed Flow-DPPO iterations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build_trainer("shapes", "flow-dppo", str(Path(tmp) / "run"), smoke=smoke, extra=extra)
+        rows = time_iterations({"flow-dppo": tr}, iterations, 1, progress=False)["flow-dppo"]
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    Path(out).write_text(json.dumps({"rows": rows, "env": env}))
+
+
 def memory_worker(out: str, geometry: str, smoke: bool, sd3_path: str | None, extra: Sequence[str] = ()) -> None:
     """Inside one of the processes of :func:`memory_run`."""
     held: dict[str, int] = {}
@@ -446,14 +473,12 @@ def run(args: argparse.Namespace) -> dict:
                 "paired": paired,
             }
             if args.busy and geo == "shapes":
-                with Competitor():
-                    busy_rows = time_iterations(
-                        {"flow-dppo": trainers["flow-dppo"]}, args.iterations, 0, progress=not args.quiet
-                    )
-                busy = summarise(busy_rows["flow-dppo"], {}, peak)
+                report = busy_run(args.iterations, args.smoke, Path(tmp), args.set)
+                busy = summarise(report["rows"], {}, peak)
                 out["busy"] = {
                     "seconds": busy["seconds"],
                     "over_quiet": busy["seconds"]["iteration"] / out["flow-dppo"]["seconds"]["iteration"],
+                    "env": report["env"],
                 }
             res[geo] = out
             del trainers
@@ -505,7 +530,9 @@ def format_summary(res: dict) -> str:
         if "busy" in out:
             lines.append(
                 f"{geo:6s} busy (one 2-thread matmul loop): iteration {out['busy']['seconds']['iteration']:.3f} s, "
-                f"{out['busy']['over_quiet']:.2f}x the quiet figure"
+                f"{out['busy']['over_quiet']:.2f}x the quiet figure (a fresh process; it chose "
+                + ", ".join(f"{k}={v}" for k, v in out["busy"].get("env", {}).items() if v)
+                + ")"
             )
     if "memory" in res:
         for w, reps in res["memory"]["per_world"].items():
@@ -548,6 +575,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    p.add_argument("--busy-worker", help=argparse.SUPPRESS)
     return p
 
 
@@ -564,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory_worker:
         memory_worker(args.memory_worker, args.models.split(",")[0], args.smoke, args.sd3_path, args.set)
+        return 0
+    if args.busy_worker:
+        busy_worker(args.busy_worker, args.iterations, args.smoke, args.set)
         return 0
     res = run(args)
     print(format_summary(res))

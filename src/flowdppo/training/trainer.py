@@ -294,9 +294,14 @@ class Trainer:
         return update.anchor(self.model, self.kernel, self.dist, self.cfg, traj, perm, reuse=self.reuse_anchor)
 
     def _measure_ref_kl(self, it: int) -> bool:
-        """The beta = 0 reference-KL diagnostic runs this iteration (at beta > 0 training computes it)."""
-        t = self.cfg.train
-        return t.log_ref_kl and not self.loss_spec.needs_reference and t.ref_kl_every > 0 and it % t.ref_kl_every == 0
+        """The beta = 0 reference-KL diagnostic runs this iteration (at beta > 0 training computes it): every
+        ``train.ref_kl_every`` iterations, and always on the last one and on those an evaluation follows (so
+        that every evaluated accuracy has its KL to the reference)."""
+        t, every_eval = self.cfg.train, self.cfg.eval.every
+        if not t.log_ref_kl or self.loss_spec.needs_reference or t.ref_kl_every <= 0:
+            return False
+        before_eval = bool(self.eval_sets) and every_eval > 0 and (it + 1) % every_eval == 0
+        return it % t.ref_kl_every == 0 or it + 1 == t.iterations or before_eval
 
     def reference_kl(self, traj: Trajectories, perm: torch.Tensor, anchor: dict) -> dict[str, float]:
         """KL of the anchor to the reference policy on about ``train.ref_kl_samples`` samples of ``perm``
