@@ -277,6 +277,14 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
     if progress:
         from tqdm.auto import tqdm
 
+        parts = ", ".join(dict.fromkeys(s.part for s, _, _ in plan.runs()))
+        print(
+            f"bench: {len(todo)} of {len(plan.runs())} runs to do ({parts}; the others are finished or exported), "
+            f"{jobs} at a time",
+            file=sys.stderr,
+            flush=True,
+        )
+
         bar = tqdm(total=len(plan.runs()), initial=len(plan.runs()) - len(todo), desc="bench", unit="run")
     env = dict(os.environ)
     if jobs > 1:  # one thread per run (the children's thread choice reads FLOWDPPO_THREADS first)
