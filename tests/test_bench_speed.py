@@ -61,7 +61,7 @@ def test_bench_speed_smoke(tmp_path, capsys):
 
 @pytest.mark.parametrize("anchor", ["replay", "auto"])
 def test_phase_flops_count_the_forwards(tmp_path, anchor):
-    extra = [f"train.anchor={anchor}", "train.ref_kl_samples=0"]
+    extra = [f"train.anchor={anchor}", "train.ref_kl_samples=0", "train.ref_kl_every=1"]
     tr = bench_speed.build_trainer("sd3", "flow-dppo", str(tmp_path / "run"), smoke=True, extra=extra)
     per = bench_speed.forward_flops(tr)
     # LoRA backward: input gradients plus the adapters' weight gradients, about one more forward
@@ -74,6 +74,11 @@ def test_phase_flops_count_the_forwards(tmp_path, anchor):
     assert tr.reuse_anchor == (anchor == "auto")
     assert f["anchor"] == (anchor_forwards + b * s) * per["forward"]
     assert f["train"] == b * s * per["forward_backward"]
+    # measured every 10 iterations, the reference forwards are not in the median iteration the FLOPs divide
+    sparse = bench_speed.build_trainer(
+        "sd3", "flow-dppo", str(tmp_path / "sparse"), smoke=True, extra=[*extra, "train.ref_kl_every=10"]
+    )
+    assert bench_speed.phase_flops(sparse, per)["anchor"] == anchor_forwards * per["forward"]
 
 
 def test_tensor_bytes_counts_each_storage_once():

@@ -232,8 +232,10 @@ def phase_flops(trainer, per_sample: dict[str, float]) -> dict[str, float]:
     fwd, fb = per_sample["forward"], per_sample["forward_backward"]
     reuse = getattr(trainer, "reuse_anchor", False)
     anchor_fwd = min(t.anchor_check_samples, b) if reuse else b * s
-    if t.log_ref_kl and not trainer.loss_spec.needs_reference and t.ref_kl_every:
-        anchor_fwd += min(t.ref_kl_samples or b, b) * s / t.ref_kl_every  # per iteration, on average
+    # the reference-KL forwards at beta = 0 are in the median iteration only when they run every iteration
+    # (every train.ref_kl_every > 1 iterations they are in the rare iterations the median leaves out)
+    if t.log_ref_kl and not trainer.loss_spec.needs_reference and t.ref_kl_every == 1:
+        anchor_fwd += min(t.ref_kl_samples or b, b) * s
     ref = 1 if trainer.loss_spec.needs_reference else 0
     return {
         "rollout": b * n * fwd,
@@ -281,13 +283,17 @@ def summarise(rows: list[dict[str, float]], flops: dict[str, float], peak: float
 class Competitor:
     """One competing process running a 2-thread fp32 matmul loop (default OpenMP settings)."""
 
-    CODE = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+    CODE = (
+        "import sys, torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\na @ a\n"
+        "print('ready', flush=True)\nwhile True:\n    a @ a\n"
+    )
 
     def __enter__(self) -> Competitor:
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], env=env)
-        time.sleep(2.0)  # let it import torch and start multiplying
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], env=env, stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()  # it has imported torch and multiplies: the machine is busy from here on
+        time.sleep(1.0)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -297,6 +303,7 @@ class Competitor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.proc.stdout.close()
 
 
 def _free_port() -> int:
