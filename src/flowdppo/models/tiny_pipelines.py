@@ -172,10 +172,26 @@ def tiny_sd3_pipeline(seed: int = 0, dynamic_shift: bool = False):
     return _sd3_pipeline(seed, CLIP_MAX_LEN, 16, 48, transformer, {}, sched)
 
 
+def _flux_scheduler(**extra):
+    """FLUX's flow-matching scheduler settings (resolution-dependent shift), with ``extra`` on top."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        **extra,
+    )
+
+
 def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """A random ``FluxPipeline``: FLUX.1-dev-style (distilled guidance embedding) or, with
     ``guidance_embeds=False``, schnell-style. The scheduler uses FLUX's dynamic shift."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -195,15 +211,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        base_shift=0.5,
-        max_shift=1.15,
-    )
+    scheduler = _flux_scheduler()
     return FluxPipeline(
         scheduler=scheduler,
         vae=_vae(0.1159, 0.3611),
@@ -250,7 +258,6 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     """
     from diffusers import (
         AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
@@ -299,16 +306,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.3)
         vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        base_shift=0.5,
-        max_shift=1.15,
-        time_shift_type="exponential",
-    )
+    scheduler = _flux_scheduler(time_shift_type="exponential")
     return Flux2KleinPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -297,11 +297,10 @@ class Trainer:
         """The beta = 0 reference-KL diagnostic runs this iteration (at beta > 0 training computes it): every
         ``train.ref_kl_every`` iterations, and always on the last one and on those an evaluation follows (so
         that every evaluated accuracy has its KL to the reference)."""
-        t, every_eval = self.cfg.train, self.cfg.eval.every
+        t = self.cfg.train
         if not t.log_ref_kl or self.loss_spec.needs_reference or t.ref_kl_every <= 0:
             return False
-        before_eval = bool(self.eval_sets) and every_eval > 0 and (it + 1) % every_eval == 0
-        return it % t.ref_kl_every == 0 or it + 1 == t.iterations or before_eval
+        return it % t.ref_kl_every == 0 or it + 1 == t.iterations or self._eval_due(it + 1)
 
     def reference_kl(self, traj: Trajectories, perm: torch.Tensor, anchor: dict) -> dict[str, float]:
         """KL of the anchor to the reference policy on about ``train.ref_kl_samples`` samples of ``perm``
@@ -398,10 +397,8 @@ class Trainer:
                 committed = False
                 m = self.iteration_step(it)
                 done = it + 1
-                every = cfg.eval.every
-                evaluating = bool(self.eval_sets) and every > 0 and (done % every == 0 or done == cfg.train.iterations)
                 res = None
-                if evaluating:
+                if self._eval_due(done):
                     faults.at("eval", it)
                     tic = time.perf_counter()
                     res = self.evaluate()
@@ -487,10 +484,11 @@ class Trainer:
             write_report(self.run_dir)
         self.dist.barrier()
 
-    def _eval_due(self) -> bool:
-        """After every ``eval.every`` iterations and after the last one (never when ``eval.every`` is 0)."""
-        every, n = self.cfg.eval.every, self.iteration
-        return bool(self.eval_sets) and every > 0 and (n % every == 0 or n == self.cfg.train.iterations)
+    def _eval_due(self, done: int) -> bool:
+        """An evaluation follows ``done`` trained iterations: every ``eval.every`` and after the last one
+        (never when ``eval.every`` is 0 or there is nothing to evaluate)."""
+        every = self.cfg.eval.every
+        return bool(self.eval_sets) and every > 0 and (done % every == 0 or done == self.cfg.train.iterations)
 
     def _log_eval(self, it: int) -> dict[str, Any]:
         res = self.evaluate()
