@@ -69,6 +69,9 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     assert set(noise) == {"flow-grpo"} and noise["flow-grpo"]
     rows = [ln for ln in text.splitlines() if ln.startswith("| flow-grpo | ") and ln.count("|") == 11]
     assert len(rows) == len(noise["flow-grpo"])
+    # the page states the schedule these runs measured on (the quick geometry's), not the full bench's
+    assert records[0]["ratio_noise_samples"] == 4
+    assert "iterations (1 in these runs)" in text and "`eval.ratio_noise_samples` (4)" in text
     assert (tmp_path / "figures" / "bench_methods.png").exists()
 
 

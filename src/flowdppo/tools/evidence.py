@@ -333,6 +333,14 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
 # --------------------------------------------------------------------------------------------
 
 
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved configuration as written beside it (``config.yaml``), or ``{}``."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
 def export_run(run_dir: Path, setting: Setting, seed: int, fingerprint: str = "") -> dict[str, Any]:
     """The compact record of one run: its evaluation lines and a thinned set of per-iteration metrics."""
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -353,6 +361,7 @@ def export_run(run_dir: Path, setting: Setting, seed: int, fingerprint: str = ""
         "seed": seed,
         "complete": run_state(run_dir) == "done",
         "fingerprint": fingerprint,
+        "ratio_noise_samples": _run_config(run_dir).get("eval", {}).get("ratio_noise_samples"),
         "evals": evals,
         "metrics": keep,
     }
@@ -520,17 +529,35 @@ def ratio_noise_samples(records: list[dict[str, Any]]) -> dict[str, dict[int, li
     return steps
 
 
+def ratio_noise_schedule(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """How often the analysed runs measured ratio noise (from the iterations that logged it) and on how many
+    samples (the run's config as exported; for older exports the bench's overrides, else the config
+    default), as text for the results page."""
+    from flowdppo.config import EvalConfig
+
+    gaps, sizes = set(), set()
+    for r in records:
+        if r["preset"] not in ("flow-grpo", "flow-cps"):
+            continue
+        its = sorted(m["iteration"] for m in r["metrics"] if any(k.startswith("ratio_noise/") for k in m))
+        gaps.update(b - a for a, b in zip(its, its[1:]))
+        given = [o.split("=", 1)[1] for o in (*COMMON, *r["overrides"]) if o.startswith("eval.ratio_noise_samples=")]
+        sizes.add(str(r.get("ratio_noise_samples") or (given[-1] if given else EvalConfig().ratio_noise_samples)))
+    return " or ".join(str(g) for g in sorted(gaps)) or "once", " or ".join(sorted(sizes))
+
+
 def ratio_noise_markdown(records: list[dict[str, Any]]) -> list[str]:
     """A table per clipping method: per SDE step, the measured ratio statistics (mean over every logged
     analysis) next to Gaussian theory's predictions (E[log r] = -D, std[log r] = sqrt(2 D))."""
     steps = ratio_noise_samples(records)
     if not steps:
         return []
+    every, n = ratio_noise_schedule(records)
     lines = [
         "## Ratio noise on live runs (Section 3.2)",
         "",
-        "Every `eval.ratio_noise_every` iterations (10 in the bench) the trainer replays "
-        "`eval.ratio_noise_samples` (32) of the batch's stored actions through the updated policy and compares "
+        f"Every `eval.ratio_noise_every` iterations ({every} in these runs) the trainer replays "
+        f"`eval.ratio_noise_samples` ({n}) of the batch's stored actions through the updated policy and compares "
         "it with the rollout's (old) policy. The log-ratio here is the exact one, *sum-reduced* over the "
         "latent's dimensions (the paper's analysis), computed from the two means; D is the exact per-sample KL. "
         "Each cell is the mean over every analysed iteration and seed. The clip columns count the samples a PPO "
