@@ -42,6 +42,15 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
         len({(c["train"]["prompts_per_iter"], c["train"]["group_size"], c["train"]["iterations"]) for c in cfgs}) == 1
     )
 
+    # a run directory belongs to the configuration that started it: for another one it is "new" (rerun, not
+    # resumed, skipped or exported as that configuration's), and each export names the code that ran it
+    other = evidence.Plan(out=out, parts=["methods"], seeds=[0, 1], quick=True, extra=["train.lr=1e-4"])
+    s0 = evidence._settings()["methods"][0]
+    assert evidence.run_state(runs[0], evidence.fingerprint(plan, s0, 0)) == "done"
+    assert evidence.run_state(runs[0], evidence.fingerprint(other, s0, 0)) == "new"
+    assert evidence.export_plan(other, tmp_path / "other") == []
+    assert all(r["commit"] is None or len(r["commit"]) == 40 for r in records)
+
     # committed exports carry a finished plan across machines: without the run directories nothing reruns
     assert all(r["complete"] and len(r["fingerprint"]) == 16 for r in records)
     import shutil
@@ -49,8 +58,6 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     shutil.rmtree(out)
     assert evidence.run_plan(plan, progress=False, results=results) and not out.exists()
     # ... but an export of another configuration is stale
-    other = evidence.Plan(out=out, parts=["methods"], seeds=[0, 1], quick=True, extra=["train.lr=1e-4"])
-    s0 = evidence._settings()["methods"][0]
     assert evidence.exported(plan, results, s0, 0) and not evidence.exported(other, results, s0, 0)
     # an unfinished export is not reused nor aggregated
     p = evidence.export_path(results, s0, 0)
@@ -75,7 +82,23 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     assert (tmp_path / "figures" / "bench_methods.png").exists()
 
 
+def test_t_quantile_matches_student_tables():
+    # two-sided 5% critical values of Student's t (standard tables)
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (1000, 1.962)):
+        assert abs(evidence.t_quantile(df) - t) < 2e-3, df
+    assert abs(evidence.t_quantile(4, 0.95) - 2.132) < 2e-3
+
+
 def test_verdict_rule():
+    # Welch's test: 2.5 standard errors is not enough with 3 seeds a side (df 4 needs 2.78), enough with 30
+    se3, se30 = (2 * 0.01 / 3) ** 0.5, (2 * 0.01 / 30) ** 0.5
+    assert evidence.compare((0.3 + 2.5 * se3, 0.1, 3), (0.3, 0.1, 3))[0] == "inconclusive"
+    assert evidence.compare((0.3 + 2.5 * se30, 0.1, 30), (0.3, 0.1, 30))[0] == "reproduced"
+    assert evidence.compare((0.3 + 3.0 * se3, 0.1, 3), (0.3, 0.1, 3))[0] == "reproduced"
+    # a difference of differences (I1 -> I2 drops) keeps every mean's own term: unequal seed counts count
+    d = evidence.Estimate.of((0.6, 0.1, 3)) - evidence.Estimate.of((0.5, 0.1, 5))
+    assert abs(d.value - 0.1) < 1e-12 and d.n == 3 and len(d.terms) == 2
+    assert abs(sum(v for v, _ in d.terms) - (0.01 / 3 + 0.01 / 5)) < 1e-15
     assert evidence.compare((0.5, 0.01, 3), (0.3, 0.01, 3))[0] == "reproduced"
     assert evidence.compare((0.3, 0.01, 3), (0.5, 0.01, 3))[0] == "not reproduced"
     assert evidence.compare((0.31, 0.1, 3), (0.3, 0.1, 3))[0] == "inconclusive"

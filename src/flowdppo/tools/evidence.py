@@ -217,8 +217,37 @@ class Plan:
         return base + list(s.overrides) + self.extra + [f"train.seed={seed}", f"log.run_dir={run_dir.parent}"]
 
 
-def run_state(run_dir: Path) -> str:
-    """``"done"`` (finished: its final adapter is exported), ``"partial"`` (a checkpoint to resume) or ``"new"``."""
+def _stamp_path(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.bench.json"
+
+
+def _code_version() -> str | None:
+    """The git commit of the code the bench runs (None outside a git checkout)."""
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
+
+
+def _stamp(run_dir: Path) -> dict[str, Any]:
+    """What the bench wrote beside a run directory when it started it (``{}`` if nothing readable)."""
+    try:
+        return json.loads(_stamp_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_state(run_dir: Path, fp: str | None = None) -> str:
+    """``"done"`` (finished: its final adapter is exported), ``"partial"`` (a checkpoint to resume) or ``"new"``.
+    With ``fp``, a run directory the bench started for another configuration (another fingerprint, or none
+    recorded) is ``"new"``: it is rerun from scratch, never resumed, skipped or exported as this one."""
+    if fp is not None and run_dir.exists() and _stamp(run_dir).get("fingerprint") != fp:
+        return "new"
     if (run_dir / "adapter").exists() and (run_dir / "report.md").exists():
         return "done"
     if (run_dir / "checkpoints" / "latest").exists():
@@ -228,7 +257,7 @@ def run_state(run_dir: Path) -> str:
 
 def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "flowdppo.cli", "train"]
-    if run_state(run_dir) == "partial":
+    if run_state(run_dir, fingerprint(plan, s, seed)) == "partial":
         return cmd + ["--resume", str(run_dir)]
     cmd += ["--preset", s.preset, "--name", run_dir.name, "--overwrite"]
     for o in plan.overrides(s, seed, run_dir):
@@ -271,7 +300,9 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
     by a finished run of the same configuration); ``jobs`` runs at a time, one thread each when
     ``jobs > 1``. Each run's output goes to ``<run_dir>.log``. Returns the run directories."""
     todo = [
-        (s, seed, d) for s, seed, d in plan.runs() if run_state(d) != "done" and not exported(plan, results, s, seed)
+        (s, seed, d)
+        for s, seed, d in plan.runs()
+        if run_state(d, fingerprint(plan, s, seed)) != "done" and not exported(plan, results, s, seed)
     ]
     bar = None
     if progress:
@@ -310,8 +341,12 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
                 reap(block=False)
                 time.sleep(0.5)
             d.parent.mkdir(parents=True, exist_ok=True)
+            cmd = _train_command(plan, s, seed, d)
+            if "--resume" not in cmd:  # a fresh start: record which configuration (and code) the directory holds
+                stamp = {"fingerprint": fingerprint(plan, s, seed), "commit": _code_version()}
+                _stamp_path(d).write_text(json.dumps(stamp))
             fh = open(f"{d}.log", "a")
-            running.append((subprocess.Popen(_train_command(plan, s, seed, d), stdout=fh, stderr=fh, env=env), d, fh))
+            running.append((subprocess.Popen(cmd, stdout=fh, stderr=fh, env=env), d, fh))
         while running:
             reap(block=True)
     finally:
@@ -361,6 +396,7 @@ def export_run(run_dir: Path, setting: Setting, seed: int, fingerprint: str = ""
         "seed": seed,
         "complete": run_state(run_dir) == "done",
         "fingerprint": fingerprint,
+        "commit": _stamp(run_dir).get("commit"),
         "ratio_noise_samples": _run_config(run_dir).get("eval", {}).get("ratio_noise_samples"),
         "evals": evals,
         "metrics": keep,
@@ -373,7 +409,12 @@ def export_plan(plan: Plan, results: Path) -> list[Path]:
     paths = []
     for s, seed, d in plan.runs():
         p = export_path(results, s, seed)
-        if (d / "metrics.jsonl").exists() and not (exported(plan, results, s, seed) and run_state(d) != "done"):
+        state = run_state(d, fingerprint(plan, s, seed))  # "new" for a directory of another configuration
+        if (
+            (d / "metrics.jsonl").exists()
+            and state != "new"
+            and not (exported(plan, results, s, seed) and state != "done")
+        ):
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_suffix(".tmp")
             tmp.write_text(json.dumps(export_run(d, s, seed, fingerprint(plan, s, seed)), separators=(",", ":")))
@@ -386,7 +427,7 @@ def export_plan(plan: Plan, results: Path) -> list[Path]:
 def load_exports(results: Path, complete_only: bool = True) -> list[dict[str, Any]]:
     """The exported runs (by default only finished ones: a partial run's last evaluation is not its end)."""
     recs = [json.loads(p.read_text()) for p in sorted((results / "raw").glob("*/*/seed*.json"))]
-    return [r for r in recs if r.get("complete", True) or not complete_only]
+    return [r for r in recs if r.get("complete", False) or not complete_only]
 
 
 def final_scores(rec: dict[str, Any]) -> dict[str, float]:
@@ -450,21 +491,79 @@ def _fmt(cell: tuple[float, float, int] | None, pct: bool = False, sci: bool = F
     return f"{m:.3f} ± {s:.3f}"
 
 
-def compare(a: tuple[float, float, int] | None, b: tuple[float, float, int] | None, higher_is_better: bool = True):
-    """Verdict on "a beats b": ``reproduced`` when the mean difference exceeds twice its standard error,
-    ``not reproduced`` when it is that far the other way, else ``inconclusive``. Returns (verdict, text)."""
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over seeds (or a difference or ratio of such means) with the terms of its variance: one
+    ``(s^2 / n, n)`` per independent mean it is made of, as Welch's test needs them."""
+
+    value: float
+    terms: tuple[tuple[float, int], ...]
+
+    @classmethod
+    def of(cls, cell: tuple[float, float, int] | Estimate) -> Estimate:
+        if isinstance(cell, Estimate):
+            return cell
+        m, sd, n = cell
+        return cls(m, ((sd * sd / n, n),))
+
+    def __sub__(self, other: Estimate) -> Estimate:
+        return Estimate(self.value - other.value, self.terms + other.terms)
+
+    @property
+    def n(self) -> int:
+        return min(n for _, n in self.terms)
+
+
+def t_quantile(df: float, level: float = 0.975) -> float:
+    """The ``level`` quantile of Student's t with ``df`` degrees of freedom (fractional df too, as Welch's):
+    bisection on the CDF, whose density is integrated with Simpson's rule (error far below 1e-4 for df >= 1)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:
+        x = np.linspace(0.0, t, 2001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+        w = np.ones_like(x)
+        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+        return 0.5 + float((w * f).sum()) * (t / 2000) / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def compare(
+    a: tuple[float, float, int] | Estimate | None,
+    b: tuple[float, float, int] | Estimate | None,
+    higher_is_better: bool = True,
+):
+    """Verdict on "a beats b" by Welch's two-sided test at the 5% level: ``reproduced`` when the mean
+    difference exceeds its standard error times the t quantile for the Welch-Satterthwaite degrees of
+    freedom (4.3 for two settings of 3 seeds with equal spread, 2.78 at 4 degrees of freedom, 1.96 with many
+    seeds), ``not reproduced`` when it is that far the other way, else ``inconclusive``. Returns (verdict,
+    text)."""
     if a is None or b is None:
         return "not run", "a setting it compares was not run"
-    if a[2] < 2 or b[2] < 2:
+    ea, eb = Estimate.of(a), Estimate.of(b)
+    if ea.n < 2 or eb.n < 2:
         return "inconclusive", "fewer than 2 seeds"
-    diff = (a[0] - b[0]) * (1 if higher_is_better else -1)
-    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
-    text = f"difference {a[0] - b[0]:+.4g} (standard error {se:.2g}, n = {a[2]} and {b[2]})"
+    d = ea - eb
+    diff = d.value * (1 if higher_is_better else -1)
+    var = sum(v for v, _ in d.terms)
+    se = math.sqrt(var)
+    ns = f"n = {ea.n} and {eb.n}"
     if se == 0:
+        text = f"difference {d.value:+.4g} (no spread over seeds, {ns})"
         return ("reproduced" if diff > 0 else "not reproduced" if diff < 0 else "inconclusive"), text
-    if diff > 2 * se:
+    df = var * var / sum(v * v / (n - 1) for v, n in d.terms if v > 0)
+    crit = t_quantile(df)
+    text = f"difference {d.value:+.4g} (standard error {se:.2g}, Welch df {df:.1f}, needs {crit:.2f} s.e.; {ns})"
+    if diff > crit * se:
         return "reproduced", text
-    if diff < -2 * se:
+    if diff < -crit * se:
         return "not reproduced", text
     return "inconclusive", text
 
@@ -485,7 +584,7 @@ def _curves(
         if not its:
             continue
         vals = np.array([[s[i] for i in its] for s in series], dtype=float)
-        out[g] = (np.array(its), vals.mean(0), vals.std(0))
+        out[g] = (np.array(its), vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else 0 * vals[0])
     return out
 
 
@@ -502,7 +601,7 @@ def _kl_curves(records: list[dict[str, Any]], key: str):
             continue
         kls = np.array([[x[i][0] for i in its] for x in rows], dtype=float)
         accs = np.array([[x[i][1] for i in its] for x in rows], dtype=float)
-        out[g] = (kls.mean(0), accs.mean(0), accs.std(0))
+        out[g] = (kls.mean(0), accs.mean(0), accs.std(0, ddof=1) if len(accs) > 1 else 0 * accs[0])
     return out
 
 
@@ -691,6 +790,14 @@ def results_markdown(
         r = row(part, setting)
         return r.get(key) if r else None
 
+    lines += [
+        "Each cell is the mean ± sample standard deviation over seeds. *KL to ref (end)* is the mean-reduced "
+        "per-step KL of the policy to the shipped model on the last iteration's samples; at beta = 0 it is "
+        "measured on the policy that sampled that iteration, i.e. before its update (one update of the run's "
+        "last, two at I2), at beta > 0 during the update's training forwards. *masked* and *clipped* are the "
+        "mean share of loss entries the trust region removed, over all iterations.",
+        "",
+    ]
     for part in PARTS:
         keys = sorted(s for p, s in table if p == part)
         if not keys:
@@ -735,10 +842,13 @@ def results_markdown(
         r = row(part, s)
         if not r or "heldout_strict" not in r or "kl_ref" not in r:
             return None
-        gain = r["heldout_strict"][0] - r["heldout_strict_start"][0]
-        kl = max(r["kl_ref"][0], 1e-12)
-        rel = math.hypot(r["heldout_strict"][1] / max(abs(gain), 1e-12), r["kl_ref"][1] / kl)
-        return (gain / kl, abs(gain / kl) * rel, min(r["heldout_strict"][2], r["kl_ref"][2]))
+        # gain / KL, its variance by the delta method (the start is the same shipped model for every seed)
+        (acc, s_acc, n_acc), (kl, s_kl, n_kl) = r["heldout_strict"], r["kl_ref"]
+        gain, kl = acc - r["heldout_strict_start"][0], max(kl, 1e-12)
+        q = gain / kl
+        return Estimate(
+            q, ((q * q * s_acc**2 / max(gain * gain, 1e-24) / n_acc, n_acc), (q * q * s_kl**2 / kl**2 / n_kl, n_kl))
+        )
 
     for a, b in (("flow-dppo", "flow-grpo"), ("flow-dppo-cps", "flow-cps")):
         claims.append(
@@ -752,7 +862,7 @@ def results_markdown(
         i1, i2 = cell("methods", preset, "heldout_strict"), cell("multi-epoch", f"{preset}-I2", "heldout_strict")
         if i1 is None or i2 is None:
             return None
-        return (i2[0] - i1[0], math.hypot(i1[1], i2[1]), min(i1[2], i2[2]))
+        return Estimate.of(i2) - Estimate.of(i1)
 
     for a, b in (("flow-dppo", "flow-grpo"), ("flow-dppo-cps", "flow-cps")):
         claims.append((f"going from I1 to I2, {a} keeps more accuracy than {b} (Figure 5)", compare(drop(a), drop(b))))
@@ -773,14 +883,17 @@ def results_markdown(
             ),
         )
     )
-    claims.append(
-        (
-            "a KL penalty to the reference (beta 1e-2) ends closer to the reference than beta 0 (App. G.3.2)",
-            compare(
-                cell("ablations", "beta-1e-2", "kl_ref"), cell("methods", "flow-dppo", "kl_ref"), higher_is_better=False
-            ),
+    for beta in ("1e-2", "1e-1"):
+        claims.append(
+            (
+                f"a KL penalty to the reference (beta {beta}) ends closer to the reference than beta 0 (App. G.3.2)",
+                compare(
+                    cell("ablations", f"beta-{beta}", "kl_ref"),
+                    cell("methods", "flow-dppo", "kl_ref"),
+                    higher_is_better=False,
+                ),
+            )
         )
-    )
     claims.append(
         (
             "a small KL penalty (beta 1e-2) reaches higher held-out accuracy than beta 0 (App. G.3.2: beta 1e-3 "
@@ -809,9 +922,11 @@ def results_markdown(
     lines += [
         "## Verdicts",
         "",
-        "A claim is *reproduced* when the mean difference over seeds exceeds twice its standard error in "
-        "the paper's direction, *not reproduced* when it does so in the other direction, and "
-        "*inconclusive at this scale* otherwise.",
+        "A claim is *reproduced* when Welch's two-sided t-test at the 5% level finds the mean difference over "
+        "seeds in the paper's direction (the difference exceeds its standard error times the t quantile for "
+        "the Welch-Satterthwaite degrees of freedom: about 2.8-4.3 standard errors with 3 seeds per setting), "
+        "*not reproduced* when it finds it in the other direction, and *inconclusive at this scale* otherwise. "
+        "Ratios (accuracy gained per unit of KL) take their standard error from the delta method.",
         "",
         "| claim | verdict | numbers |",
         "|---|---|---|",
