@@ -36,7 +36,7 @@ import yaml
 DELEGATED: dict[str, tuple[str, str]] = {
     "pretrain": ("flowdppo.tools.pretrain", "pretrain the embedded shapes model"),
     "sample": ("flowdppo.tools.sample", "sample images from a model (+ adapter)"),
-    "bench": ("flowdppo.tools.bench", "benchmarks (losses)"),
+    "bench": ("flowdppo.tools.bench", "the paper's comparisons (bench speed, losses, log-ratio: other benchmarks)"),
     "bench-real": ("flowdppo.tools.bench_real", "GPU benchmark of a SD3.5-sized transformer"),
     "reward-server": ("flowdppo.rewards.http", "serve a reward over HTTP"),
 }

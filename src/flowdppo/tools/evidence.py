@@ -962,6 +962,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="flowdppo bench",
         description="Rerun the paper's comparisons on the embedded shapes world (each part resumable).",
+        epilog="Other benchmarks, each with its own --help: `flowdppo bench speed` (per-phase time, FLOP/s, "
+        "Flow-DPPO/Flow-GRPO ratio, memory per process), `flowdppo bench losses` (loss time), "
+        "`flowdppo bench log-ratio` (fp32 log-ratio error).",
     )
     p.add_argument("--part", action="append", choices=PARTS + ("all",), help="part(s) to run (default: all)")
     p.add_argument(
