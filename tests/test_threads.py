@@ -33,6 +33,13 @@ def test_configure_sets_only_what_is_unset():
     assert threads.configure(environ=env) == {}  # the user's spin count stands for the wait policy
     assert env == {"GOMP_SPINCOUNT": "1000", "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "3"}
 
+    # an explicit count set twice (two commands in one process) changes nothing the second time
+    env = {}
+    assert threads.configure(threads="1", environ=env, busy=False)["OMP_NUM_THREADS"] == "1"
+    first = dict(env)
+    assert threads.configure(threads="1", environ=env, busy=False) == {} and env == first
+    assert threads.configure(threads="2", environ=env, busy=False) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
 
 def test_a_busy_machine_gets_sleeping_idle_workers_and_the_same_thread_count():
     n = threads.available_cpus()

@@ -163,7 +163,7 @@ def configure(
     # an explicit count, else the user's OMP_NUM_THREADS (MKL follows it), else the CPUs available
     n = explicit if explicit is not None else (_user_threads(env.get("OMP_NUM_THREADS")) or available_cpus())
     for k in THREAD_VARS:
-        if explicit is not None or not env.get(k):
+        if (explicit is not None or not env.get(k)) and env.get(k) != str(n):  # only what actually changes
             changed[k] = str(n)
     for k, v in changed.items():
         env[k] = v
