@@ -542,9 +542,9 @@ def compare(
 ):
     """Verdict on "a beats b" by Welch's two-sided test at the 5% level: ``reproduced`` when the mean
     difference exceeds its standard error times the t quantile for the Welch-Satterthwaite degrees of
-    freedom (4.3 for two settings of 3 seeds with equal spread, 2.78 at 4 degrees of freedom, 1.96 with many
-    seeds), ``not reproduced`` when it is that far the other way, else ``inconclusive``. Returns (verdict,
-    text)."""
+    freedom (2.78 for two settings of 3 seeds with equal spread, i.e. 4 degrees of freedom; up to 4.3 when
+    one side's spread dominates; 1.96 with many seeds), ``not reproduced`` when it is that far the other
+    way, else ``inconclusive``. Returns (verdict, text)."""
     if a is None or b is None:
         return "not run", "a setting it compares was not run"
     ea, eb = Estimate.of(a), Estimate.of(b)
