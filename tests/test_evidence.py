@@ -49,7 +49,7 @@ def test_quick_bench_runs_exports_and_aggregates(tmp_path):
     assert evidence.run_state(runs[0], evidence.fingerprint(plan, s0, 0)) == "done"
     assert evidence.run_state(runs[0], evidence.fingerprint(other, s0, 0)) == "new"
     assert evidence.export_plan(other, tmp_path / "other") == []
-    assert all(r["commit"] is None or len(r["commit"]) == 40 for r in records)
+    assert all(r["commit"] == evidence._code_version() for r in records)  # None outside a git checkout
 
     # committed exports carry a finished plan across machines: without the run directories nothing reruns
     assert all(r["complete"] and len(r["fingerprint"]) == 16 for r in records)

@@ -255,9 +255,10 @@ def run_state(run_dir: Path, fp: str | None = None) -> str:
     return "new"
 
 
-def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path) -> list[str]:
+def _train_command(plan: Plan, s: Setting, seed: int, run_dir: Path, fp: str) -> list[str]:
+    """The run's command: resume its own partial run (fingerprint ``fp``), else start it afresh."""
     cmd = [sys.executable, "-m", "flowdppo.cli", "train"]
-    if run_state(run_dir, fingerprint(plan, s, seed)) == "partial":
+    if run_state(run_dir, fp) == "partial":
         return cmd + ["--resume", str(run_dir)]
     cmd += ["--preset", s.preset, "--name", run_dir.name, "--overwrite"]
     for o in plan.overrides(s, seed, run_dir):
@@ -299,24 +300,22 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
     """Run (or resume) every run of the plan that is not finished (nor, with ``results``, exported there
     by a finished run of the same configuration); ``jobs`` runs at a time, one thread each when
     ``jobs > 1``. Each run's output goes to ``<run_dir>.log``. Returns the run directories."""
-    todo = [
-        (s, seed, d)
-        for s, seed, d in plan.runs()
-        if run_state(d, fingerprint(plan, s, seed)) != "done" and not exported(plan, results, s, seed)
-    ]
+    runs = [(s, seed, d, fingerprint(plan, s, seed)) for s, seed, d in plan.runs()]
+    todo = [r for r in runs if run_state(r[2], r[3]) != "done" and not exported(plan, results, r[0], r[1])]
+    version = _code_version() if todo else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        parts = ", ".join(dict.fromkeys(s.part for s, _, _ in plan.runs()))
+        parts = ", ".join(dict.fromkeys(r[0].part for r in runs))
         print(
-            f"bench: {len(todo)} of {len(plan.runs())} runs to do ({parts}; the others are finished or exported), "
+            f"bench: {len(todo)} of {len(runs)} runs to do ({parts}; the others are finished or exported), "
             f"{jobs} at a time",
             file=sys.stderr,
             flush=True,
         )
 
-        bar = tqdm(total=len(plan.runs()), initial=len(plan.runs()) - len(todo), desc="bench", unit="run")
+        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bench", unit="run")
     env = dict(os.environ)
     if jobs > 1:  # one thread per run (the children's thread choice reads FLOWDPPO_THREADS first)
         env["FLOWDPPO_THREADS"] = "1"
@@ -336,15 +335,14 @@ def run_plan(plan: Plan, jobs: int = 1, progress: bool = True, results: Path | N
                     bar.update(1)
 
     try:
-        for s, seed, d in todo:
+        for s, seed, d, fp in todo:
             while len(running) >= jobs:
                 reap(block=False)
                 time.sleep(0.5)
             d.parent.mkdir(parents=True, exist_ok=True)
-            cmd = _train_command(plan, s, seed, d)
+            cmd = _train_command(plan, s, seed, d, fp)
             if "--resume" not in cmd:  # a fresh start: record which configuration (and code) the directory holds
-                stamp = {"fingerprint": fingerprint(plan, s, seed), "commit": _code_version()}
-                _stamp_path(d).write_text(json.dumps(stamp))
+                _stamp_path(d).write_text(json.dumps({"fingerprint": fp, "commit": version}))
             fh = open(f"{d}.log", "a")
             running.append((subprocess.Popen(cmd, stdout=fh, stderr=fh, env=env), d, fh))
         while running:
@@ -408,8 +406,8 @@ def export_plan(plan: Plan, results: Path) -> list[Path]:
     is kept: an unfinished rerun never replaces it). Returns the paths of the plan's exports."""
     paths = []
     for s, seed, d in plan.runs():
-        p = export_path(results, s, seed)
-        state = run_state(d, fingerprint(plan, s, seed))  # "new" for a directory of another configuration
+        p, fp = export_path(results, s, seed), fingerprint(plan, s, seed)
+        state = run_state(d, fp)  # "new" for a directory of another configuration
         if (
             (d / "metrics.jsonl").exists()
             and state != "new"
@@ -417,7 +415,7 @@ def export_plan(plan: Plan, results: Path) -> list[Path]:
         ):
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_suffix(".tmp")
-            tmp.write_text(json.dumps(export_run(d, s, seed, fingerprint(plan, s, seed)), separators=(",", ":")))
+            tmp.write_text(json.dumps(export_run(d, s, seed, fp), separators=(",", ":")))
             os.replace(tmp, p)
         if p.exists():
             paths.append(p)
