@@ -84,3 +84,44 @@ def test_nothing_in_training_names_a_world():
     for path in (HERE.parent / "src" / "flowdppo" / "training").glob("*.py"):
         text = path.read_text()
         assert "worlds.shapes" not in text and "shapes_world" not in text, path
+
+
+class KindWorld(LightDarkWorld):
+    """LightDarkWorld with categories (the first word of a prompt)."""
+
+    def categories(self):
+        return ["light", "dark"]
+
+    def category(self, prompt):
+        return prompt.split()[0]
+
+
+KINDS = ["train.world=test_prompts:KindWorld", "eval.sets=[held]"]
+
+
+def test_category_weights_set_each_prompts_draw_probability(tmp_path):
+    src = prompt_source(load_config(overrides=BASE + KINDS + ["train.category_weights={dark: 4.0}"]))
+    assert src.train_probs == pytest.approx([1 / 6, 1 / 6, 4 / 6])  # "dark a" weighs 4, each light prompt 1
+    assert prompt_source(load_config(overrides=BASE + KINDS)).train_probs is None  # the default: uniform
+    # the trainer draws with them: with light weighed 0, only the dark prompt is ever chosen
+    cfg = load_config(overrides=BASE + KINDS + ["train.category_weights={light: 0.0}"])  # 4 draws with replacement
+    tr = Trainer(cfg, model=ToyModel(0), reward_fn=brightness_reward, run_dir=tmp_path / "k")
+    seen = set()
+    for it in range(6):
+        traj, *_ = tr.collect(it)
+        seen |= set(traj.prompts)
+    assert seen == {"dark a"}
+
+
+def test_bad_category_weights_name_the_key():
+    with pytest.raises(ConfigError, match=r"train.category_weights: 'grey' is not a category; valid: light, dark"):
+        prompt_source(load_config(overrides=BASE + KINDS + ["train.category_weights={grey: 1.0}"]))
+    with pytest.raises(ConfigError, match=r"category_weights.dark=-1.0 is not valid; valid: a finite number >= 0"):
+        load_config(overrides=BASE + KINDS + ["train.category_weights={dark: -1}"])
+    with pytest.raises(ConfigError, match="leave 1 training prompts with a weight > 0, fewer than the 2 an iteration"):
+        few = ["train.category_weights={light: 0.0}", "train.prompts_per_iter=2"]
+        prompt_source(load_config(overrides=BASE + KINDS + few))
+    with pytest.raises(ConfigError, match="has no prompt categories"):
+        prompt_source(load_config(overrides=BASE + WORLD + ["train.category_weights={light: 2.0}"]))
+    with pytest.raises(ConfigError, match="cannot be used with train.prompts_file"):
+        prompt_source(load_config(overrides=BASE + KINDS + ["train.category_weights={light: 2.0}"]), prompts=["x"])

@@ -128,6 +128,10 @@ class TrainConfig:
     world: str | None = "shapes"  # prompt source: a world's name or package.module:object (flowdppo.worlds.world)
     prompt_split: str = "train"  # the world's set to train on
     prompts_file: str | None = None  # one prompt a line (real models); None = the world's prompt_split set
+    # relative draw weight of each prompt category of the world's training split (the shapes world's
+    # categories: single_object, two_object, counting, colors, position, color_attr); a category not named
+    # weighs 1; {} = every training prompt equally likely (the default)
+    category_weights: dict[str, float] = field(default_factory=dict)
     log_ref_kl: bool = True  # measure the KL to the reference policy (a diagnostic at beta = 0)
     # iterations between reference-KL measurements at beta = 0, besides the last iteration and those an evaluation
     # follows (beta > 0: every step, from the training forwards); 0 = never
@@ -393,6 +397,9 @@ def _check_values(cfg: Config) -> None:
             continue
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+    for cat, w in cfg.train.category_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not _finite(w) or w < 0:
+            raise ConfigError(f"train.category_weights.{cat}={w!r} is not valid; valid: a finite number >= 0")
     if cfg.steps.start >= cfg.steps.end:
         raise ConfigError(f"steps.start ({cfg.steps.start}) must be < steps.end ({cfg.steps.end})")
     _check_device(cfg.model)

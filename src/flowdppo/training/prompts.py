@@ -30,6 +30,8 @@ class PromptSource:
     train: list[str]
     eval_sets: dict[str, list[str]]
     breakdown: Breakdown | None = None  # the world's, when it supplied the evaluation sets
+    # the draw probability of each training prompt (train.category_weights); None = uniform
+    train_probs: list[float] | None = None
 
 
 def read_lines(path: str) -> list[str]:
@@ -48,6 +50,13 @@ def prompt_source(
     if eval_sets is None and prompts is not None:
         eval_sets = {}  # own training prompts, no evaluation prompts: no evaluation
     breakdown = None
+    weights = cfg.train.category_weights
+    if weights and prompts is not None:
+        raise ConfigError(
+            "train.category_weights weighs the world's training prompts; it cannot be used with "
+            "train.prompts_file or prompts of one's own (valid: {} with those)"
+        )
+    probs = None
     if prompts is None or eval_sets is None:
         if not cfg.train.world:
             raise ConfigError("train.prompts_file is required when train.world is null")
@@ -62,6 +71,8 @@ def prompt_source(
                     f"train.prompt_split {cfg.train.prompt_split!r} is not valid; valid: {', '.join(sets)}"
                 )
             prompts = sets[cfg.train.prompt_split]
+            if weights:
+                probs = _category_probs(world, prompts, weights, cfg.train.prompts_per_iter)
         if eval_sets is None:
             unknown = [n for n in cfg.eval.sets if n not in sets]
             if unknown:
@@ -71,4 +82,26 @@ def prompt_source(
     if not prompts:
         raise ConfigError("no training prompts")
     n = cfg.eval.num_prompts
-    return PromptSource(list(prompts), {k: list(v)[:n] for k, v in eval_sets.items()}, breakdown)
+    return PromptSource(list(prompts), {k: list(v)[:n] for k, v in eval_sets.items()}, breakdown, probs)
+
+
+def _category_probs(world, prompts: Sequence[str], weights: dict[str, float], per_iter: int) -> list[float]:
+    """Each prompt's draw probability: its category's weight (1 when not named), normalised."""
+    if not (hasattr(world, "categories") and hasattr(world, "category")):
+        raise ConfigError(
+            f"train.category_weights: the world {type(world).__name__} has no prompt categories; valid: {{}}"
+        )
+    valid = list(world.categories())
+    for cat in weights:
+        if cat not in valid:
+            raise ConfigError(f"train.category_weights: {cat!r} is not a category; valid: {', '.join(valid)}")
+    w = [float(weights.get(world.category(p), 1.0)) for p in prompts]
+    positive = sum(x > 0 for x in w)
+    needed = per_iter if len(prompts) >= per_iter else 1  # an iteration draws without replacement when it can
+    if positive < needed:
+        raise ConfigError(
+            f"train.category_weights leave {positive} training prompts with a weight > 0, fewer than "
+            f"the {needed} an iteration draws (train.prompts_per_iter); valid: weights that keep at least {needed}"
+        )
+    total = sum(w)
+    return [x / total for x in w]

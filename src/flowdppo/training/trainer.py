@@ -109,6 +109,7 @@ class Trainer:
         self.eval_reward_fn = build_eval_reward(cfg.reward, cache) or self.reward_fn
         source = prompt_source(cfg, prompts, eval_sets)
         self.train_prompts, self.eval_sets = source.train, source.eval_sets
+        self.train_probs = source.train_probs  # None: uniform (the draws of runs without category weights)
         self.sigmas, self.kernel = sampling_schedule(self.model, s)
         knobs = dict(delta=a.delta, clip_eps=a.clip_eps, loss_adv_clip=a.loss_adv_clip, beta=a.beta, args=a.loss_args)
         self.loss_spec = LossSpec(name=a.loss, **knobs)
@@ -184,7 +185,10 @@ class Trainer:
         chosen = [
             self.train_prompts[i]
             for i in rng.choice(
-                len(self.train_prompts), t.prompts_per_iter, replace=len(self.train_prompts) < t.prompts_per_iter
+                len(self.train_prompts),
+                t.prompts_per_iter,
+                replace=len(self.train_prompts) < t.prompts_per_iter,
+                **({} if self.train_probs is None else {"p": self.train_probs}),
             )
         ]
         prompts = [p for p in chosen for _ in range(t.group_size)]

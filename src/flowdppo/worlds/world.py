@@ -28,6 +28,18 @@ class World(Protocol):
         ...
 
 
+class CategorizedWorld(World, Protocol):
+    """A world whose prompts fall into named categories (what ``train.category_weights`` weighs)."""
+
+    def categories(self) -> list[str]:
+        """The category names, in a fixed order."""
+        ...
+
+    def category(self, prompt: str) -> str:
+        """The category of one of the world's prompts."""
+        ...
+
+
 class ShapesWorld:
     """The embedded shapes world (:mod:`flowdppo.worlds.shapes`): its fixed train / eval / ood prompt
     lists (``prompt_sets(seed=0)``) and strict accuracy per prompt category."""
@@ -36,6 +48,16 @@ class ShapesWorld:
         from flowdppo.worlds import shapes
 
         return {name: [p.text for p in ps] for name, ps in shapes.prompt_sets(seed=0).items()}
+
+    def categories(self) -> list[str]:
+        from flowdppo.worlds import shapes
+
+        return list(shapes.CATEGORIES)
+
+    def category(self, prompt: str) -> str:
+        from flowdppo.worlds import shapes
+
+        return shapes.parse_prompt(prompt).category
 
     def breakdown(self, prompts: Sequence[str], scores: dict[str, torch.Tensor]) -> dict[str, float]:
         from flowdppo.worlds import shapes
