@@ -82,6 +82,9 @@ MATRIX = [
 def test_interrupt_anywhere_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, reference, phase, action):
     monkeypatch.setenv("FLOWDPPO_FAULT", f"{phase}:1:{action}")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Python's own SIGINT handler, also where the shell started this process with SIGINT ignored (a
+    # background job of a non-interactive shell), which would leave the injected SIGINT without effect
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         tr = build(tmp_path / "run")
         expected = {"raise": RuntimeError, "sigint": KeyboardInterrupt, "sigterm": KeyboardInterrupt}[action]
@@ -89,6 +92,7 @@ def test_interrupt_anywhere_resumes_to_the_uninterrupted_run(tmp_path, monkeypat
             tr.run(progress=False)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     note = getattr(info.value, "flowdppo_note", "")
     # iteration 1 was interrupted: the boundary after iteration 0 is what is saved (after the checkpoint of
     # iteration 1 itself was cut, too: its files are written after the iteration committed, so 0..1)
