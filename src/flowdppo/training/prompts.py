@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from flowdppo.config import Config, ConfigError
-from flowdppo.worlds.world import build_world
+from flowdppo.worlds.world import CategorizedWorld, World, build_world
 
 Breakdown = Callable[[Sequence[str], dict[str, torch.Tensor]], dict[str, float]]
 
@@ -85,9 +85,9 @@ def prompt_source(
     return PromptSource(list(prompts), {k: list(v)[:n] for k, v in eval_sets.items()}, breakdown, probs)
 
 
-def _category_probs(world, prompts: Sequence[str], weights: dict[str, float], per_iter: int) -> list[float]:
+def _category_probs(world: World, prompts: Sequence[str], weights: dict[str, float], per_iter: int) -> list[float]:
     """Each prompt's draw probability: its category's weight (1 when not named), normalised."""
-    if not (hasattr(world, "categories") and hasattr(world, "category")):
+    if not isinstance(world, CategorizedWorld):
         raise ConfigError(
             f"train.category_weights: the world {type(world).__name__} has no prompt categories; valid: {{}}"
         )

@@ -188,7 +188,7 @@ class Trainer:
                 len(self.train_prompts),
                 t.prompts_per_iter,
                 replace=len(self.train_prompts) < t.prompts_per_iter,
-                **({} if self.train_probs is None else {"p": self.train_probs}),
+                p=self.train_probs,
             )
         ]
         prompts = [p for p in chosen for _ in range(t.group_size)]

@@ -10,7 +10,7 @@ path ``package.module:object`` (a class or a factory taking no arguments).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +28,7 @@ class World(Protocol):
         ...
 
 
+@runtime_checkable
 class CategorizedWorld(World, Protocol):
     """A world whose prompts fall into named categories (what ``train.category_weights`` weighs)."""
 
