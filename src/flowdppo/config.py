@@ -54,6 +54,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     gradient_checkpointing: bool = False
+    # LoRA linears as one matmul with the merged weight W + s B A (flowdppo.models.lora_forward): auto = merged
+    # for fp32 weights (not under multi-process DeepSpeed); separate = peft's own x W^T + s (x A^T) B^T (the
+    # default until the speed benchmark has measured merged interleaved and the demo's figures are rerun with it)
+    lora_forward: Literal["auto", "merged", "separate"] = "separate"
     resolution: int = 512  # real models: image side in pixels (the shapes model is 32)
     max_sequence_length: int = 256  # real models: text tokens
 

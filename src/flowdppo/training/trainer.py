@@ -36,6 +36,7 @@ from flowdppo.core.steps import StepSelection
 from flowdppo.errors import NonFiniteError, UserError, one_line, os_reason
 from flowdppo.models import FlowModel, build_model
 from flowdppo.models.base import Cond
+from flowdppo.models.lora_forward import resolve_lora_forward, use_merged_lora_forward
 from flowdppo.rewards import build_eval_reward, build_reward
 from flowdppo.rewards.overlap import ChunkScorer
 from flowdppo.training import checkpoint as ckpt
@@ -118,6 +119,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (enable model.lora or full fine-tuning)")
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        self.lora_forward = self._route_lora_forward()
         self.params, self.optimizer = update.prepare_optimizer(self.model, self.dist, cfg)
         self.reuse_anchor = update.reuse_anchor(cfg, self.model)  # train.anchor; auto may fall back to replay
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
@@ -132,6 +134,24 @@ class Trainer:
         self.evaluator = Evaluator.for_run(
             cfg, self.model, self.sigmas, self.encode, self.eval_reward_fn, source, self.dist
         )
+
+    def _route_lora_forward(self) -> str:
+        """``model.lora_forward`` resolved for this model (``merged`` / ``separate``), applied to its LoRA
+        layers before the optimizer and the sharding wrap them (:mod:`flowdppo.models.lora_forward`)."""
+        cfg = self.cfg
+        if getattr(self.model, "lora_config", None) is None:
+            return "separate"  # full fine-tuning or a model without peft layers: nothing to route
+        world = self.dist.world
+        if cfg.model.lora_forward == "merged" and cfg.train.sharding == "deepspeed" and world > 1:
+            raise ConfigError(
+                "model.lora_forward=merged does not work with train.sharding=deepspeed on several processes "
+                "(ZeRO gathers a LoRA weight only when its own module runs); use auto or separate"
+            )
+        dtype = getattr(self.model, "dtype", torch.float32)
+        mode = resolve_lora_forward(cfg.model.lora_forward, dtype, cfg.train.sharding, world)
+        if mode == "merged":
+            use_merged_lora_forward(self.model.module)
+        return mode
 
     def _prepare_run_dir(self, overwrite: bool, resuming: bool) -> None:
         """Create the run directory; an existing non-empty one is refused unless ``--overwrite``
