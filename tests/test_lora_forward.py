@@ -24,17 +24,17 @@ from test_shapes_pipeline import SMALL_RUN, TINY  # noqa: E402
 from toy import brightness_reward  # noqa: E402
 
 
-def _peft_net(seed=0, dropout=0.0, dtype=torch.float32):
+def _peft_net(dropout=0.0):
     from peft import LoraConfig, inject_adapter_in_model
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 7, bias=False))
     net = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_dropout=dropout), net)
     for n, p in net.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.3)  # B = 0 at init would hide a wrong B gradient or a missing LoRA term
         p.requires_grad_("lora_" in n)
-    return net.to(dtype)
+    return net
 
 
 def _grads(net, x):
@@ -116,6 +116,8 @@ def test_resolve_lora_forward():
     assert resolve_lora_forward("auto", torch.float32, "deepspeed", 2) == "separate"
     assert resolve_lora_forward("auto", torch.float32, "deepspeed", 1) == "merged"
     assert resolve_lora_forward("separate", torch.float32, "ddp", 1) == "separate"
+    with pytest.raises(ValueError, match="deepspeed on several processes"):
+        resolve_lora_forward("merged", torch.float32, "deepspeed", 2)
     with pytest.raises(ValueError, match="valid: auto, merged, separate"):
         resolve_lora_forward("fused", torch.float32, "ddp", 1)
     with pytest.raises(ConfigError, match="model.lora_forward"):

@@ -9,7 +9,7 @@ model the saving is small but so is the cost.
 
 The merged weight is formed inside a custom autograd function and *recomputed* in the backward rather
 than kept, so training holds no full-size weight per layer beyond what peft's own path holds (the layer
-input). Gradients: ``dW' = dy^T x``, ``dA = s B^T dW'``, ``dB = s dW' A^T`` (``dW' `` is never
+input). Gradients: ``dW' = dy^T x``, ``dA = s B^T dW'``, ``dB = s dW' A^T`` (``dW'`` is never
 stored beyond the layer's backward).
 
 The result equals peft's to fp32 rounding, not bit for bit: both the rollout and training use the same
@@ -110,11 +110,15 @@ def resolve_lora_forward(mode: str, dtype: torch.dtype, sharding: str, world: in
     """``merged`` or ``separate`` for ``model.lora_forward``. ``auto`` merges for fp32 weights (where peft's
     separate path and the merged one are both fp32 and the saving is pure) unless DeepSpeed shards the
     parameters of several processes (ZeRO gathers a parameter when its own module runs, and the merged
-    forward reads the LoRA weights without running their modules)."""
+    forward reads the LoRA weights without running their modules); an explicit ``merged`` there is refused."""
     if mode not in LORA_FORWARDS:
         raise ValueError(f"unknown model.lora_forward {mode!r}; valid: {', '.join(LORA_FORWARDS)}")
+    zero_sharded = sharding == "deepspeed" and world > 1
+    if mode == "merged" and zero_sharded:
+        raise ValueError(
+            "model.lora_forward=merged does not work with train.sharding=deepspeed on several processes "
+            "(ZeRO gathers a LoRA weight only when its own module runs); use auto or separate"
+        )
     if mode != "auto":
         return mode
-    if dtype != torch.float32 or (sharding == "deepspeed" and world > 1):
-        return "separate"
-    return "merged"
+    return "separate" if dtype != torch.float32 or zero_sharded else "merged"

@@ -141,14 +141,11 @@ class Trainer:
         cfg = self.cfg
         if getattr(self.model, "lora_config", None) is None:
             return "separate"  # full fine-tuning or a model without peft layers: nothing to route
-        world = self.dist.world
-        if cfg.model.lora_forward == "merged" and cfg.train.sharding == "deepspeed" and world > 1:
-            raise ConfigError(
-                "model.lora_forward=merged does not work with train.sharding=deepspeed on several processes "
-                "(ZeRO gathers a LoRA weight only when its own module runs); use auto or separate"
-            )
         dtype = getattr(self.model, "dtype", torch.float32)
-        mode = resolve_lora_forward(cfg.model.lora_forward, dtype, cfg.train.sharding, world)
+        try:
+            mode = resolve_lora_forward(cfg.model.lora_forward, dtype, cfg.train.sharding, self.dist.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if mode == "merged":
             use_merged_lora_forward(self.model.module)
         return mode
