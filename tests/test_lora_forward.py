@@ -115,6 +115,10 @@ def test_resolve_lora_forward():
     assert resolve_lora_forward("auto", torch.bfloat16, "ddp", 1) == "separate"
     assert resolve_lora_forward("auto", torch.float32, "deepspeed", 2) == "separate"
     assert resolve_lora_forward("auto", torch.float32, "deepspeed", 1) == "merged"
+    assert resolve_lora_forward("auto", torch.float32, "fsdp2", 2) == "separate"  # untested there: explicit only
+    assert resolve_lora_forward("auto", torch.float32, "ddp", 2) == "merged"
+    assert resolve_lora_forward("merged", torch.float32, "fsdp2", 2) == "merged"
+    assert load_config().model.lora_forward == "auto"  # the default
     assert resolve_lora_forward("separate", torch.float32, "ddp", 1) == "separate"
     with pytest.raises(ValueError, match="deepspeed on several processes"):
         resolve_lora_forward("merged", torch.float32, "deepspeed", 2)

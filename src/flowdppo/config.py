@@ -55,9 +55,9 @@ class ModelConfig:
     device: str = "cpu"
     gradient_checkpointing: bool = False
     # LoRA linears as one matmul with the merged weight W + s B A (flowdppo.models.lora_forward): auto = merged
-    # for fp32 weights (not under multi-process DeepSpeed); separate = peft's own x W^T + s (x A^T) B^T (the
-    # default until the speed benchmark has measured merged interleaved and the demo's figures are rerun with it)
-    lora_forward: Literal["auto", "merged", "separate"] = "separate"
+    # for fp32 weights in one process or under DDP (not under multi-process FSDP2 or DeepSpeed); separate =
+    # peft's own x W^T + s (x A^T) B^T; merged = always (refused under multi-process DeepSpeed)
+    lora_forward: Literal["auto", "merged", "separate"] = "auto"
     resolution: int = 512  # real models: image side in pixels (the shapes model is 32)
     max_sequence_length: int = 256  # real models: text tokens
 
@@ -147,6 +147,12 @@ class TrainConfig:
     # for fp32 models when a spot check of anchor_check_samples samples agrees, and replays otherwise
     anchor: Literal["replay", "rollout", "auto"] = "auto"
     anchor_check_samples: int = 4  # samples replayed each iteration to check a reused anchor (0 = no check)
+    # back-propagate through the rollout's own forwards of the trained steps instead of recomputing them,
+    # where the iteration's only optimizer step starts at the rollout's weights (one epoch, one mini-batch,
+    # one process, no dropout, a reused anchor): "keep" does so where possible, "auto" only on the CPU (the
+    # graphs of every trained step of the whole batch are held from the rollout to the backward: memory,
+    # not compute, is what a GPU runs out of), "recompute" never (docs/flow-dppo.md, "One iteration")
+    rollout_graph: Literal["auto", "keep", "recompute"] = "auto"
     trajectories_on_cpu: bool = False  # keep stored trajectories on the CPU until trained on
     overlap_reward: bool = True  # score each rollout chunk in a background thread while the next one samples
     # several processes (torchrun / accelerate launch): ddp = replicated weights, summed gradients (LoRA);
@@ -628,6 +634,13 @@ def _warn_ignored(cfg: Config) -> list[str]:
     t, defaults_t = cfg.train, TrainConfig()
     if t.anchor == "replay" and t.anchor_check_samples != defaults_t.anchor_check_samples:
         warnings.append("train.anchor_check_samples is ignored with train.anchor=replay (nothing is reused)")
+    if t.rollout_graph == "keep" and (t.inner_epochs > 1 or t.minibatch_size < t.prompts_per_iter * t.group_size):
+        warnings.append(
+            "train.rollout_graph=keep is ignored: it needs one optimizer step per iteration "
+            f"(train.inner_epochs=1 and train.minibatch_size = prompts_per_iter x group_size = "
+            f"{t.prompts_per_iter * t.group_size}), got inner_epochs={t.inner_epochs}, "
+            f"minibatch_size={t.minibatch_size}"
+        )
     if a.beta > 0:
         for knob in ("ref_kl_every", "ref_kl_samples"):
             if getattr(t, knob) != getattr(defaults_t, knob):

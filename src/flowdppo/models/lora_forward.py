@@ -108,9 +108,10 @@ def use_merged_lora_forward(root: nn.Module) -> int:
 
 def resolve_lora_forward(mode: str, dtype: torch.dtype, sharding: str, world: int) -> str:
     """``merged`` or ``separate`` for ``model.lora_forward``. ``auto`` merges for fp32 weights (where peft's
-    separate path and the merged one are both fp32 and the saving is pure) unless DeepSpeed shards the
-    parameters of several processes (ZeRO gathers a parameter when its own module runs, and the merged
-    forward reads the LoRA weights without running their modules); an explicit ``merged`` there is refused."""
+    separate path and the merged one are both fp32 and the saving is pure) in one process or under DDP, and
+    keeps peft's path where several processes shard the parameters: DeepSpeed's ZeRO gathers a parameter
+    when its own module runs, and the merged forward reads the LoRA weights without running their modules
+    (an explicit ``merged`` there is refused); under FSDP2 the merged path is untested (explicit only)."""
     if mode not in LORA_FORWARDS:
         raise ValueError(f"unknown model.lora_forward {mode!r}; valid: {', '.join(LORA_FORWARDS)}")
     zero_sharded = sharding == "deepspeed" and world > 1
@@ -121,4 +122,5 @@ def resolve_lora_forward(mode: str, dtype: torch.dtype, sharding: str, world: in
         )
     if mode != "auto":
         return mode
-    return "separate" if dtype != torch.float32 or zero_sharded else "merged"
+    sharded = world > 1 and sharding in ("deepspeed", "fsdp2")
+    return "separate" if dtype != torch.float32 or sharded else "merged"

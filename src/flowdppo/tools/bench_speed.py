@@ -11,7 +11,8 @@ Run by hand, never by the test suite (a smoke test runs it at toy sizes). What i
   rollout, reward, anchor and training phases, from the trainer's own ``time/*`` metrics;
 - **FLOP/s**: each phase's model FLOPs (one forward and one forward+backward counted with
   ``torch.utils.flop_counter`` at the training micro-batch, times the number of forwards the phase
-  makes) over its median time, and as a fraction of the peak measured in the same run;
+  makes; training that back-propagates through the rollout's kept graphs, ``train.rollout_graph``, counts
+  the backward only) over its median time, and as a fraction of the peak measured in the same run;
 - **ratio**: Flow-DPPO / Flow-GRPO iteration time (ratio of medians, and median of the paired ratios);
 - **memory** (``--procs 1,2``): one iteration of Flow-DPPO in 1 and in 2 gloo processes at the same
   global batch, each process reporting the bytes of the trajectories and anchor it holds and its peak
@@ -237,10 +238,12 @@ def phase_flops(trainer, per_sample: dict[str, float]) -> dict[str, float]:
     if t.log_ref_kl and not trainer.loss_spec.needs_reference and t.ref_kl_every == 1:
         anchor_fwd += min(t.ref_kl_samples or b, b) * s
     ref = 1 if trainer.loss_spec.needs_reference else 0
+    # a kept rollout graph (train.rollout_graph): training makes the backward of the rollout's forwards only
+    train_fb = fb - fwd if getattr(trainer, "keep_rollout_graph", False) else fb
     return {
         "rollout": b * n * fwd,
         "anchor": anchor_fwd * fwd,
-        "train": t.inner_epochs * b * s * (fb + ref * fwd),
+        "train": t.inner_epochs * b * s * (train_fb + ref * fwd),
     }
 
 

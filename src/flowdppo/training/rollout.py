@@ -41,6 +41,9 @@ class Trajectories:
     means: torch.Tensor
     final: torch.Tensor
     offset: int = 0  # global index of this process's first sample
+    # the rollout's velocities of the SDE steps, one [b, C, H, W] per step, still attached to their autograd
+    # graphs (``rollout(keep_graph=True)``); training back-propagates through them once, then drops them
+    velocities: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         n, b, s = len(self.prompts), self.latents.shape[0], len(self.sde_steps)
@@ -49,6 +52,9 @@ class Trajectories:
         assert self.latents.shape[:2] == (b, s) and self.next_latents.shape == self.latents.shape
         assert self.means.shape == self.latents.shape and self.log_probs.shape == (b, s)
         assert self.final.shape[0] == b and self.cond.batch_size == b
+        if self.velocities is not None:
+            step_shape = (b, *self.latents.shape[2:])
+            assert len(self.velocities) == s and all(v.shape == step_shape for v in self.velocities)
 
     def __len__(self) -> int:
         """``B``, the whole batch's size (:attr:`local_size` is this process's)."""
@@ -87,12 +93,16 @@ def sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     step_noise: torch.Tensor | None = None,
+    keep_graph: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run one batch through the schedule. ``noise`` is the initial ``x_1`` ``[B, C, H, W]``.
 
     ``step_noise`` ``[B, S, C, H, W]`` optionally fixes the SDE noise (else drawn from ``generator``).
     Returns ``latents``, ``next_latents``, ``means`` ``[B, S, C, H, W]``, ``log_probs`` ``[B, S]``,
-    ``final`` ``[B, C, H, W]``.
+    ``final`` ``[B, C, H, W]``. ``keep_graph`` computes the SDE steps' velocities with gradients and adds
+    them, attached to their graphs, as ``velocities`` (a list of ``S`` ``[B, C, H, W]``); the sample itself
+    is computed from detached values (no gradient flows along the trajectory), and the forward is the
+    same computation as without gradients.
     """
     b = noise.shape[0]
     device = noise.device
@@ -101,11 +111,17 @@ def sample(
     if any(k < 0 or k >= n for k in sde):
         raise ValueError(f"SDE step indices {list(sde_steps)} must lie in [0, {n})")
     x = noise.float()
-    lat, nxt, means, lps = [], [], [], []
+    lat, nxt, means, lps, graphs = [], [], [], [], []
     for k in range(n):
         s = sigma_batch(sigmas[k], b, device)
         sn = sigma_batch(sigmas[k + 1], b, device)
-        v = model.velocity(x, s, cond, guidance_scale)
+        if k in sde and keep_graph:
+            with torch.enable_grad():
+                v_graph = model.velocity(x, s, cond, guidance_scale)
+            graphs.append(v_graph)
+            v = v_graph.detach()
+        else:
+            v = model.velocity(x, s, cond, guidance_scale)
         if k in sde:
             eps = step_noise[:, sde[k]] if step_noise is not None else None
             out = kernel.step(v, x, s, sn, generator=generator, noise=eps)
@@ -117,13 +133,16 @@ def sample(
             out = kernel.step(v, x, s, sn, stochastic=False)
         x = out.x_next
     empty = noise.new_zeros((b, 0, *noise.shape[1:]))
-    return {
+    out = {
         "latents": torch.stack(lat, 1) if lat else empty,
         "next_latents": torch.stack(nxt, 1) if nxt else empty,
         "means": torch.stack(means, 1) if means else empty,
         "log_probs": torch.stack(lps, 1) if lps else noise.new_zeros((b, 0)),
         "final": x,
     }
+    if keep_graph:
+        out["velocities"] = graphs
+    return out
 
 
 def rollout(
@@ -141,6 +160,7 @@ def rollout(
     part: slice | None = None,
     same_initial_noise: bool = False,
     on_chunk: Callable[[slice, dict[str, torch.Tensor]], None] | None = None,
+    keep_graph: bool = False,
 ) -> Trajectories:
     """Sample ``len(prompts)`` trajectories in chunks of ``batch_size``; initial noise and SDE noise come
     from ``generator`` (CPU) so a run is reproducible whatever the device.
@@ -155,6 +175,10 @@ def rollout(
 
     ``on_chunk(idx, out)`` is called after each chunk (``idx`` indexes this process's share): the trainer
     hands the chunk's final latents to a background scorer there (:mod:`flowdppo.rewards.overlap`).
+
+    ``keep_graph`` keeps the SDE steps' velocities attached to their autograd graphs
+    (:attr:`Trajectories.velocities`, on the model's device whatever ``store_device``), for a training
+    step at the rollout's weights to back-propagate through instead of recomputing them.
     """
     b = len(prompts)
     c, h, w = model.latent_shape
@@ -172,6 +196,7 @@ def rollout(
     cond = cond.index(part)
     n_local = part.stop - part.start
     chunks: list[dict[str, torch.Tensor]] = []
+    graphs: list[list[torch.Tensor]] = []
     for start in range(0, n_local, batch_size):
         idx = slice(start, min(start + batch_size, n_local))
         out = sample(
@@ -183,7 +208,10 @@ def rollout(
             noise[idx].to(model.device),
             guidance_scale,
             step_noise=step_noise[idx].to(model.device),
+            keep_graph=keep_graph,
         )
+        if keep_graph:
+            graphs.append(out.pop("velocities"))
         if store_device is not None:
             out = {k: v.to(store_device) for k, v in out.items()}
         chunks.append(out)
@@ -202,17 +230,25 @@ def rollout(
         cat["means"],
         cat["final"],
         offset=part.start,
+        velocities=[torch.cat([g[j] for g in graphs]) for j in range(len(sde_steps))] if keep_graph else None,
     )
 
 
 def replay_step(
-    model: FlowModel, kernel: Kernel, traj: Trajectories, idx: torch.Tensor, j: int, guidance_scale: float
+    model: FlowModel,
+    kernel: Kernel,
+    traj: Trajectories,
+    idx: torch.Tensor,
+    j: int,
+    guidance_scale: float,
+    velocity: torch.Tensor | None = None,
 ) -> StepOutput:
     """Score stored SDE step ``j`` (column of ``traj``) for samples ``idx`` (global indices held by this
     process) under the current weights.
 
     Runs with whatever grad mode the caller set. Returns the kernel's output: ``mean`` ``[b, C, H, W]``,
-    ``std`` and ``log_prob`` ``[b]``.
+    ``std`` and ``log_prob`` ``[b]``. ``velocity`` (``[b, C, H, W]``, the rollout's own, with its graph)
+    stands in for the model's forward when the weights are still those of the rollout.
     """
     dev = model.device
     k = traj.sde_steps[j]
@@ -221,7 +257,7 @@ def replay_step(
     b = x.shape[0]
     s = sigma_batch(traj.sigmas[k], b, dev)
     sn = sigma_batch(traj.sigmas[k + 1], b, dev)
-    v = model.velocity(x, s, traj.cond.index(r).to(dev), guidance_scale)
+    v = model.velocity(x, s, traj.cond.index(r).to(dev), guidance_scale) if velocity is None else velocity
     return kernel.step(v, x, s, sn, prev_sample=traj.next_latents[r, j].to(dev))
 
 

@@ -122,6 +122,7 @@ class Trainer:
         self.lora_forward = self._route_lora_forward()
         self.params, self.optimizer = update.prepare_optimizer(self.model, self.dist, cfg)
         self.reuse_anchor = update.reuse_anchor(cfg, self.model)  # train.anchor; auto may fall back to replay
+        self.keep_rollout_graph = update.keep_rollout_graph(cfg, self.model, self.dist, self.reuse_anchor)
         self.tracker = adv_lib.PerPromptStatTracker(global_std=a.advantage_std == "global") if a.stat_tracker else None
         self.iteration = 0  # completed iterations
         self.history: list[dict[str, Any]] = []
@@ -237,6 +238,7 @@ class Trainer:
                 part=part,
                 same_initial_noise=cfg.sampling.same_initial_noise,
                 on_chunk=lambda idx, out: scorer.submit(mine[idx], out["final"]),
+                keep_graph=self.keep_rollout_graph,
             )
         except BaseException:
             scorer.close()
@@ -266,8 +268,12 @@ class Trainer:
             for e in range(t.inner_epochs)
         ]
         anchor = self.anchor(traj, perms[0])
+        # the rollout's graphs (train.rollout_graph), handed to the first optimizer step: the only one, at the
+        # rollout's weights; dropped if the anchor falls back to a replay (rollout and training then differ)
+        graph, traj.velocities = traj.velocities, None
         if anchor["metrics"].get("anchor/fallback"):
             self.reuse_anchor = False
+            self.keep_rollout_graph, graph = False, None
         ref_kl = self.reference_kl(traj, perms[0], anchor) if self._measure_ref_kl(it) else {}
         timing["time/anchor"] = time.perf_counter() - tic
 
@@ -277,7 +283,8 @@ class Trainer:
         mb_metrics = []
         for perm in perms:
             for mb in perm.split(t.minibatch_size):
-                mb_metrics.append(self.train_minibatch(traj, mb, adv, anchor))
+                mb_metrics.append(self.train_minibatch(traj, mb, adv, anchor, velocities=graph))
+                graph = None
                 if len(mb_metrics) == 1:
                     faults.at("train", it)  # after the first optimizer step: a half-updated model
         timing["time/train"] = time.perf_counter() - tic
@@ -289,6 +296,7 @@ class Trainer:
             {f"first_mb/{k}": mb_metrics[0][k] for k in ("ratio_min", "ratio_max", "kl_max") if k in mb_metrics[0]}
         )
         metrics["num_optimizer_steps"] = len(mb_metrics)
+        metrics["train/rollout_graph"] = float(bool(self.keep_rollout_graph))
         metrics.update(anchor["metrics"])
         metrics.update(ref_kl)
         if cfg.eval.ratio_noise_every and it % cfg.eval.ratio_noise_every == 0:
@@ -330,11 +338,14 @@ class Trainer:
         idx = update.spread_subsample(perm, t.minibatch_size, t.ref_kl_samples, self.dist.world)
         return update.reference_kl(self.model, self.kernel, self.dist, self.cfg, traj, idx, anchor)
 
-    def train_minibatch(self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict) -> dict:
-        """Step 4: one optimizer step on samples ``mb`` (:func:`update.minibatch_step`)."""
+    def train_minibatch(
+        self, traj: Trajectories, mb: torch.Tensor, adv: torch.Tensor, anchor: dict, velocities: list | None = None
+    ) -> dict:
+        """Step 4: one optimizer step on samples ``mb`` (:func:`update.minibatch_step`); ``velocities``: the
+        rollout's, with their graphs, to back-propagate through instead of recomputing (consumed)."""
         m, k, d = self.model, self.kernel, self.dist
         return update.minibatch_step(
-            m, k, d, self.cfg, self.loss_spec, self.optimizer, self.params, traj, mb, adv, anchor
+            m, k, d, self.cfg, self.loss_spec, self.optimizer, self.params, traj, mb, adv, anchor, velocities
         )
 
     def ratio_noise(self, traj: Trajectories, anchor: dict) -> dict[str, float]:
@@ -384,6 +395,7 @@ class Trainer:
         # an auto anchor that fell back to replay before the checkpoint keeps replaying after it
         if any(h.get("anchor/fallback") for h in self.history):
             self.reuse_anchor = False
+            self.keep_rollout_graph = False
         return self.iteration
 
     # ------------------------------------------------------------------ the loop

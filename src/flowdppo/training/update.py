@@ -60,6 +60,24 @@ def reuse_anchor(cfg: Config, model: FlowModel) -> bool:
     return mode == "rollout"
 
 
+def keep_rollout_graph(cfg: Config, model: FlowModel, dist: Dist, reuse: bool) -> bool:
+    """Whether the rollout keeps its trained steps' graphs for training to back-propagate through
+    (``train.rollout_graph``) instead of recomputing those forwards.
+
+    Exact only when the iteration's single optimizer step runs at the rollout's weights, on the same
+    forward: one epoch, one mini-batch of the whole batch, one process, a reused anchor (``reuse``: fp32,
+    where the rollout's and training's forwards are the same computation) and no active dropout (the
+    rollout runs in eval mode, training in train mode). ``keep`` then keeps them, ``auto`` only on the CPU
+    (the graphs of every trained step of the whole batch are held at once), ``recompute`` never.
+    """
+    t = cfg.train
+    if t.rollout_graph == "recompute" or (t.rollout_graph == "auto" and torch.device(model.device).type != "cpu"):
+        return False
+    one_step = t.inner_epochs == 1 and t.minibatch_size == t.prompts_per_iter * t.group_size
+    dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.module.modules())
+    return one_step and not dist.active and reuse and not dropout
+
+
 def minibatch_permutation(n: int, minibatch_size: int, generator: torch.Generator) -> torch.Tensor:
     """An epoch's order of the ``n`` samples: ``n / minibatch_size`` mini-batches, concatenated.
 
@@ -251,8 +269,14 @@ def minibatch_step(
     mb: torch.Tensor,
     adv: torch.Tensor,
     anchor: dict,
+    velocities: list[torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """One optimizer step on samples ``mb``; returns the loss metrics of the whole mini-batch.
+
+    ``velocities`` (:attr:`Trajectories.velocities`, valid only while the weights are the rollout's, and
+    only when ``mb`` holds every sample this process rolled out) replaces each step's forward by the
+    rollout's own, back-propagated once per step over the whole share; the list is consumed (each entry is
+    dropped once its backward has freed its graph).
 
     The losses read the log-ratio formed from the two means (:meth:`Kernel.log_ratio`). Nothing inside
     the step waits for the device: the per-entry values stay where they were computed, and after the
@@ -269,10 +293,16 @@ def minibatch_step(
     # non-finite loss entries, counted on the device (no wait); Dist.step reads the count before stepping
     nonfinite = torch.zeros((), device=dev)
     losses: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-    for micro in dist.split(mb).split(t.micro_batch_size):
+    if velocities is not None and len(dist.split(mb)) != traj.local_size:
+        raise ValueError("rollout velocities need a mini-batch of every sample this process rolled out")
+    micros = [dist.split(mb)] if velocities is not None else dist.split(mb).split(t.micro_batch_size)
+    for micro in micros:
         per_step: dict[str, list[torch.Tensor]] = {k: [] for k in rec}
         for j in range(s):
-            out = replay_step(model, kernel, traj, micro, j, g)
+            v = None
+            if velocities is not None:
+                v, velocities[j] = velocities[j][traj.rows(micro)], None
+            out = replay_step(model, kernel, traj, micro, j, g, velocity=v)
             rows = traj.rows(micro)
             mean_old = anchor["means"][rows, j].to(dev)
             std = anchor["std"][micro, j].to(dev)
