@@ -23,8 +23,8 @@ class BatchDependentToy(ToyModel):
         return super().velocity(x, sigma, cond, guidance_scale) + 0.05 * x.shape[0]
 
 
-def _trainer(tmp_path, extra, name, model=None):
-    cfg = load_config(overrides=BASE + list(extra))
+def _trainer(tmp_path, extra, name, model=None, preset=None):
+    cfg = load_config(preset=preset, overrides=BASE + list(extra))
     return Trainer(
         cfg,
         model=model or ToyModel(0),

@@ -14,26 +14,18 @@ from flowdppo.core.sde import Kernel, uniform_shift_sigmas
 from flowdppo.training import update
 from flowdppo.training.distributed import Dist
 from flowdppo.training.rollout import rollout
-from flowdppo.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_anchor import BatchDependentToy  # noqa: E402
+from test_anchor import _trainer as anchor_trainer  # noqa: E402
 from test_trainer import BASE  # noqa: E402
-from toy import PROMPTS, ToyModel, brightness_reward  # noqa: E402
+from toy import PROMPTS, ToyModel  # noqa: E402
 
 ONE_STEP = ["train.minibatch_size=16", "train.micro_batch_size=4", "train.rollout_batch_size=8"]  # batch 4 x 4
 
 
 def _trainer(tmp_path, extra, name, model=None, preset=None):
-    cfg = load_config(preset=preset, overrides=BASE + ONE_STEP + list(extra))
-    return Trainer(
-        cfg,
-        model=model or ToyModel(0),
-        reward_fn=brightness_reward,
-        prompts=PROMPTS,
-        eval_sets={},
-        run_dir=tmp_path / name,
-    )
+    return anchor_trainer(tmp_path, ONE_STEP + list(extra), name, model, preset)
 
 
 def test_rollout_keeps_the_velocities_graphs_and_samples_the_same():
