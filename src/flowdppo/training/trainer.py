@@ -189,11 +189,13 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
 
     def collect(
-        self, it: int, prompt_iteration: int | None = None
+        self, it: int, prompt_iteration: int | None = None, keep_graph: bool = False
     ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
         """Steps 1-2 of iteration ``it``: roll out (every draw seeded by ``(seed, it)``), score, and compute
         advantages. ``prompt_iteration`` draws the prompts of another iteration (same prompts, new noise).
-        Returns ``(trajectories, advantages [B], reward metrics, timing)``."""
+        ``keep_graph``: keep the trained steps' graphs (``traj.velocities``; :meth:`iteration_step` asks for
+        them when ``train.rollout_graph`` applies). Returns ``(trajectories, advantages [B], reward metrics,
+        timing)``."""
         cfg, t = self.cfg, self.cfg.train
         timing: dict[str, float] = {}
         faults.at("rollout", it)
@@ -238,7 +240,7 @@ class Trainer:
                 part=part,
                 same_initial_noise=cfg.sampling.same_initial_noise,
                 on_chunk=lambda idx, out: scorer.submit(mine[idx], out["final"]),
-                keep_graph=self.keep_rollout_graph,
+                keep_graph=keep_graph,
             )
         except BaseException:
             scorer.close()
@@ -257,7 +259,7 @@ class Trainer:
     def iteration_step(self, it: int) -> dict[str, Any]:
         """Run iteration ``it`` (0-based) and return its metrics."""
         cfg, t = self.cfg, self.cfg.train
-        traj, adv, reward_metrics, timing = self.collect(it)
+        traj, adv, reward_metrics, timing = self.collect(it, keep_graph=self.keep_rollout_graph)
         sde_steps = traj.sde_steps
 
         # 3. anchor: the rollout's own values or a replay in the micro-batches of the first epoch
