@@ -613,6 +613,12 @@ def check_reward_components(cfg: Config) -> None:
             )
 
 
+def one_step_per_iteration(t: TrainConfig) -> bool:
+    """One optimizer step per iteration: one epoch over the batch in a single mini-batch (so the step runs
+    at the rollout's weights; ``train.rollout_graph`` needs it)."""
+    return t.inner_epochs == 1 and t.minibatch_size == t.prompts_per_iter * t.group_size
+
+
 def _warn_ignored(cfg: Config) -> list[str]:
     """Warn about knobs set away from their default that the chosen setting never reads."""
     warnings: list[str] = []
@@ -634,7 +640,7 @@ def _warn_ignored(cfg: Config) -> list[str]:
     t, defaults_t = cfg.train, TrainConfig()
     if t.anchor == "replay" and t.anchor_check_samples != defaults_t.anchor_check_samples:
         warnings.append("train.anchor_check_samples is ignored with train.anchor=replay (nothing is reused)")
-    if t.rollout_graph == "keep" and (t.inner_epochs > 1 or t.minibatch_size < t.prompts_per_iter * t.group_size):
+    if t.rollout_graph == "keep" and not one_step_per_iteration(t):
         warnings.append(
             "train.rollout_graph=keep is ignored: it needs one optimizer step per iteration "
             f"(train.inner_epochs=1 and train.minibatch_size = prompts_per_iter x group_size = "

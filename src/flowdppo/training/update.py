@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from flowdppo.config import Config
+from flowdppo.config import Config, one_step_per_iteration
 from flowdppo.core.losses import LossInputs, LossSpec, metrics_to_floats, policy_loss, reduce_loss
 from flowdppo.core.sde import Kernel
 from flowdppo.core.steps import StepSelection
@@ -73,9 +73,8 @@ def keep_rollout_graph(cfg: Config, model: FlowModel, dist: Dist, reuse: bool) -
     t = cfg.train
     if t.rollout_graph == "recompute" or (t.rollout_graph == "auto" and torch.device(model.device).type != "cpu"):
         return False
-    one_step = t.inner_epochs == 1 and t.minibatch_size == t.prompts_per_iter * t.group_size
     dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.module.modules())
-    return one_step and not dist.active and reuse and not dropout
+    return one_step_per_iteration(t) and not dist.active and reuse and not dropout
 
 
 def minibatch_permutation(n: int, minibatch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -298,12 +297,12 @@ def minibatch_step(
     micros = [dist.split(mb)] if velocities is not None else dist.split(mb).split(t.micro_batch_size)
     for micro in micros:
         per_step: dict[str, list[torch.Tensor]] = {k: [] for k in rec}
+        rows = traj.rows(micro)
         for j in range(s):
             v = None
             if velocities is not None:
-                v, velocities[j] = velocities[j][traj.rows(micro)], None
+                v, velocities[j] = velocities[j][rows], None
             out = replay_step(model, kernel, traj, micro, j, g, velocity=v)
-            rows = traj.rows(micro)
             mean_old = anchor["means"][rows, j].to(dev)
             std = anchor["std"][micro, j].to(dev)
             kl = kernel.kl(out.mean.detach(), mean_old, std)
